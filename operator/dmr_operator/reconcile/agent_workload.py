@@ -1,0 +1,355 @@
+"""The Kubernetes children of an Agent: ConfigMap, Deployment or StatefulSet, Service. Pure.
+
+Inputs are the Agent's name, namespace and spec plus what ``agent_config`` rendered and hashed;
+outputs are plain dicts without owner references (the handlers adopt them with ``kopf.adopt``).
+
+Choices, and why:
+- docker-agent runs ``serve api /config/agent.yaml --listen 0.0.0.0:8080 --session-db
+  /data/session.db`` (its default listen address, 127.0.0.1, is unreachable from a Service),
+  probed on ``GET /api/ping``.
+- Restricted Pod Security: the images name their users (``docker-agent``, ``modelrunner``) without
+  pinning a UID, and the kubelet cannot prove a *name* is non-root, so the pod runs as a numeric
+  UID/GID. Every path either program writes is an emptyDir (or the model PVC), so that UID owns
+  them and the docker-agent container's root filesystem can be read-only.
+- Pool mode: the workload stays at 0 replicas until every model is Ready, so docker-agent never
+  serves (or fails its first session) against a model that is still being pulled.
+- Sidecar mode: each pod gets a model-runner container; the operator configures the agent's
+  models on it and then sets the pod condition ``dmr.dev/models-configured``, a readiness gate,
+  so the pod joins the Service only once its own runner is configured. model-runner creates its
+  runner sockets in its working directory (``/app`` in the image, not writable by another UID),
+  so the sidecar's workingDir is a writable emptyDir; binaries are found through absolute paths.
+- Persistent sidecar storage needs a claim per pod, which only a StatefulSet's
+  volumeClaimTemplates give; the claims are deleted with the StatefulSet (retention policy) so
+  deleting the Agent leaves nothing behind. Without ``storage.size`` it is a Deployment with an
+  emptyDir store (models pulled again whenever a pod is replaced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Final, Literal
+
+from dmr_operator import constants
+from dmr_operator.api.v1alpha1 import agent as agent_api
+
+AGENT_CONTAINER: Final = "docker-agent"
+AGENT_PORT: Final = 8080
+AGENT_PORT_NAME: Final = "http"
+CONFIG_FILE: Final = "agent.yaml"
+CONFIG_DIR: Final = "/config"
+DATA_DIR: Final = "/data"
+AGENT_HOME: Final = "/home/docker-agent"
+AGENT_WORKDIR: Final = "/work"
+HEALTH_PATH: Final = "/api/ping"
+RUNNER_HEALTH_PATH: Final = "/engines/status"
+RUNNER_MODELS_DIR: Final = "/models"
+RUNNER_SOCKET_DIR: Final = "/var/run/model-runner"
+RUNNER_HOME: Final = "/home/modelrunner"
+# Any UID outside the images' own ranges; 65532 is the conventional "nonroot" user.
+POD_UID: Final = 65532
+# Set True by the operator on a sidecar pod once every model is configured on its runner.
+MODELS_CONFIGURED_CONDITION: Final = f"{constants.GROUP}/models-configured"
+
+NAME_LABEL: Final = "app.kubernetes.io/name"
+INSTANCE_LABEL: Final = "app.kubernetes.io/instance"
+APP_NAME: Final = "docker-agent"
+
+_LABEL_VALUE_MAX: Final = 63
+# Env names whose literal values are credentials by every convention users follow.
+_SECRET_NAME: Final = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+WorkloadKind = Literal["Deployment", "StatefulSet"]
+
+
+def configmap_name(agent: str) -> str:
+    return f"{agent}-config"
+
+
+def sidecar_pool_name(agent: str) -> str:
+    """The ``dmr.dev/pool`` label value of an agent's sidecar pods: its private pool (<= 63)."""
+    name = f"agent-{agent}"
+    if len(name) <= _LABEL_VALUE_MAX:
+        return name
+    digest = hashlib.sha256(agent.encode()).hexdigest()[:8]
+    return f"{name[: _LABEL_VALUE_MAX - 9].rstrip('-.')}-{digest}"
+
+
+def selector_labels(agent: str) -> dict[str, str]:
+    """The workload's (immutable) selector: the pods of one Agent, nothing else."""
+    return {INSTANCE_LABEL: agent, constants.AGENT_LABEL: agent}
+
+
+def labels(agent: str) -> dict[str, str]:
+    return {
+        NAME_LABEL: APP_NAME,
+        **selector_labels(agent),
+        constants.MANAGED_BY_LABEL: constants.MANAGED_BY,
+    }
+
+
+def workload_kind(spec: agent_api.AgentSpec) -> WorkloadKind:
+    if spec.runner.mode == "Sidecar" and spec.runner.storage.size:
+        return "StatefulSet"
+    return "Deployment"
+
+
+def env_problems(spec: agent_api.AgentSpec) -> list[str]:
+    """Secrets must come by reference: a literal value under a secret-looking name is refused."""
+    problems = []
+    for index, variable in enumerate(spec.env):
+        name = str(variable.get("name", ""))
+        if variable.get("value") and _SECRET_NAME.search(name):
+            problems.append(
+                f"env[{index}] {name}: literal value for a secret-looking variable; use "
+                f"valueFrom.secretKeyRef (or envFrom.secretRef) so the value stays in a Secret"
+            )
+    return problems
+
+
+def _metadata(name: str, namespace: str, agent: str) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": labels(agent)}
+
+
+def render_configmap(*, agent: str, namespace: str, rendered_config: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap_name(agent),
+            "namespace": namespace,
+            "labels": labels(agent),
+        },
+        "data": {CONFIG_FILE: rendered_config},
+    }
+
+
+def render_service(*, agent: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(agent, namespace, agent),
+        "spec": {
+            "selector": selector_labels(agent),
+            "ports": [
+                {
+                    "name": AGENT_PORT_NAME,
+                    "port": AGENT_PORT,
+                    "targetPort": AGENT_PORT_NAME,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def desired_replicas(spec: agent_api.AgentSpec, *, models_ready: bool) -> int:
+    """Pool mode waits for Ready models at 0 replicas; sidecar pods wait behind their gate."""
+    if spec.runner.mode == "Pool" and not models_ready:
+        return 0
+    return spec.replicas
+
+
+def render_workload(
+    *,
+    agent: str,
+    namespace: str,
+    spec: agent_api.AgentSpec,
+    config_hash: str,
+    models_ready: bool,
+) -> dict[str, Any]:
+    """The Deployment (or, for a persistent sidecar store, StatefulSet) running docker-agent."""
+    kind = workload_kind(spec)
+    sidecar = spec.runner.mode == "Sidecar"
+    pod_labels = labels(agent)
+    if sidecar:
+        pod_labels[constants.POOL_LABEL] = sidecar_pool_name(agent)
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": POD_UID,
+            "runAsGroup": POD_UID,
+            "fsGroup": POD_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_agent_container(spec)],
+        "volumes": _volumes(agent, spec, kind),
+    }
+    if sidecar:
+        pod_spec["containers"].append(_runner_container(spec.runner))
+        pod_spec["readinessGates"] = [{"conditionType": MODELS_CONFIGURED_CONDITION}]
+    optional = {
+        "nodeSelector": spec.node_selector or None,
+        "tolerations": spec.tolerations or None,
+        "affinity": spec.affinity,
+        "runtimeClassName": spec.runtime_class_name,
+        "serviceAccountName": spec.service_account_name,
+    }
+    pod_spec.update({key: value for key, value in optional.items() if value is not None})
+    workload_spec: dict[str, Any] = {
+        "replicas": desired_replicas(spec, models_ready=models_ready),
+        "selector": {"matchLabels": selector_labels(agent)},
+        "template": {
+            "metadata": {
+                "labels": pod_labels,
+                "annotations": {constants.CONFIG_HASH_ANNOTATION: config_hash},
+            },
+            "spec": pod_spec,
+        },
+    }
+    if kind == "StatefulSet":
+        workload_spec.update(_statefulset_fields(agent, spec.runner.storage))
+    elif sidecar and spec.runner.gpus is not None:
+        # A surge pod would need GPUs the old pods still hold: replace in place instead.
+        workload_spec["strategy"] = {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+        }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": kind,
+        "metadata": {
+            "name": agent,
+            "namespace": namespace,
+            "labels": labels(agent),
+            "annotations": {constants.CONFIG_HASH_ANNOTATION: config_hash},
+        },
+        "spec": workload_spec,
+    }
+
+
+def _agent_container(spec: agent_api.AgentSpec) -> dict[str, Any]:
+    probe = {"httpGet": {"path": HEALTH_PATH, "port": AGENT_PORT_NAME}, "periodSeconds": 10}
+    container: dict[str, Any] = {
+        "name": AGENT_CONTAINER,
+        "image": spec.image,
+        "args": [
+            "serve",
+            "api",
+            f"{CONFIG_DIR}/{CONFIG_FILE}",
+            "--listen",
+            f"0.0.0.0:{AGENT_PORT}",
+            "--session-db",
+            f"{DATA_DIR}/session.db",
+        ],
+        "ports": [{"name": AGENT_PORT_NAME, "containerPort": AGENT_PORT, "protocol": "TCP"}],
+        "env": [
+            # Only the exact string "false" turns docker-agent's telemetry off.
+            {"name": "TELEMETRY_ENABLED", "value": "false"},
+            {"name": "HOME", "value": AGENT_HOME},
+            *spec.env,
+        ],
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "initialDelaySeconds": 10, "failureThreshold": 6},
+        "securityContext": _container_security(read_only_root=True),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "data", "mountPath": DATA_DIR},
+            {"name": "home", "mountPath": AGENT_HOME},
+            {"name": "work", "mountPath": AGENT_WORKDIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    if spec.env_from:
+        container["envFrom"] = list(spec.env_from)
+    if spec.resources:
+        container["resources"] = spec.resources
+    return container
+
+
+def _runner_container(runner: agent_api.AgentRunner) -> dict[str, Any]:
+    probe = {
+        "httpGet": {"path": RUNNER_HEALTH_PATH, "port": constants.RUNNER_PORT_NAME},
+        "periodSeconds": 10,
+    }
+    container: dict[str, Any] = {
+        "name": constants.RUNNER_CONTAINER,
+        "image": runner.image,
+        "workingDir": RUNNER_SOCKET_DIR,
+        "ports": [
+            {
+                "name": constants.RUNNER_PORT_NAME,
+                "containerPort": constants.RUNNER_PORT,
+                "protocol": "TCP",
+            }
+        ],
+        "env": [
+            {"name": "MODEL_RUNNER_PORT", "value": str(constants.RUNNER_PORT)},
+            {"name": "MODELS_PATH", "value": RUNNER_MODELS_DIR},
+            {"name": "HOME", "value": RUNNER_HOME},
+            # Otherwise every configure and inference sends a tracking request to the registry.
+            {"name": "DO_NOT_TRACK", "value": "1"},
+        ],
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "initialDelaySeconds": 15, "failureThreshold": 6},
+        "securityContext": _container_security(read_only_root=False),
+        "volumeMounts": [
+            {"name": "models", "mountPath": RUNNER_MODELS_DIR},
+            {"name": "runner-sockets", "mountPath": RUNNER_SOCKET_DIR},
+            {"name": "runner-home", "mountPath": RUNNER_HOME},
+            {"name": "runner-tmp", "mountPath": "/tmp"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+    resources = _gpu_resources(runner)
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def _gpu_resources(runner: agent_api.AgentRunner) -> dict[str, Any]:
+    resources: dict[str, Any] = {k: dict(v) for k, v in (runner.resources or {}).items()}
+    if runner.gpus is not None:
+        # Extended resources must have requests equal to limits; setting both says so plainly.
+        for section in ("limits", "requests"):
+            resources.setdefault(section, {})[runner.gpus.resource] = runner.gpus.count
+    return resources
+
+
+def _container_security(*, read_only_root: bool) -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": read_only_root,
+    }
+
+
+def _volumes(agent: str, spec: agent_api.AgentSpec, kind: WorkloadKind) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": "config",
+            "configMap": {
+                "name": configmap_name(agent),
+                "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}],
+            },
+        },
+        *({"name": name, "emptyDir": {}} for name in ("data", "home", "work", "tmp")),
+    ]
+    if spec.runner.mode != "Sidecar":
+        return volumes
+    names = ["runner-sockets", "runner-home", "runner-tmp"]
+    if kind == "Deployment":
+        names.insert(0, "models")
+    volumes.extend({"name": name, "emptyDir": {}} for name in names)
+    # vLLM and PyTorch need more shared memory than the runtime's 64 MiB default.
+    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    return volumes
+
+
+def _statefulset_fields(agent: str, storage: agent_api.SidecarStorage) -> dict[str, Any]:
+    claim_spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": storage.size}},
+    }
+    if storage.storage_class_name:
+        claim_spec["storageClassName"] = storage.storage_class_name
+    return {
+        "serviceName": agent,
+        "podManagementPolicy": "Parallel",
+        "updateStrategy": {"type": "RollingUpdate"},
+        "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Retain"},
+        "volumeClaimTemplates": [
+            {"metadata": {"name": "models", "labels": labels(agent)}, "spec": claim_spec}
+        ],
+    }
