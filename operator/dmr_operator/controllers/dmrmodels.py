@@ -1,0 +1,870 @@
+"""The DMRModel controller: keeps every runner's in-memory configuration equal to the DMRModels.
+
+Model-runner keeps ``_configure`` state per process and forgets it on restart, so the unit of work
+is a *runner*, not an object. One ``RunnerWorker`` per runner process holds what it applied to the
+runner's current incarnation (pod UID, IP, restart count). A new or changed DMRModel, a new pod, a
+restart or a failed read-back wakes only the workers concerned; a worker with nothing to do makes
+no calls except a slow periodic read-back (one GET per runner, whatever the number of models).
+Results land in ``Placement``s; ``StatusWriter`` turns them into DMRModel status through the pure
+``reconcile.dmrmodel.model_status`` and writes only what changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from dmr_operator import constants
+from dmr_operator.clients import kube as kube_client
+from dmr_operator.clients import modelrunner
+from dmr_operator.dmr import references, wire
+from dmr_operator.reconcile import dmrmodel, selectors
+from dmr_operator.reconcile import runners as runner_views
+from dmr_operator.reconcile.dmrmodel import ModelTarget, Placement, Reason
+
+logger = logging.getLogger(__name__)
+
+READINESS_GATE = f"{constants.GROUP}/models-configured"
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """Timings and limits; defaults suit production, tests shorten them."""
+
+    verify_interval: float = 60.0
+    """Seconds between read-backs of an idle runner (one GET per runner): the safety net."""
+    allowed_runner_hosts: tuple[str, ...] = ()
+    """Hosts an external ``runners.url`` may name (the SSRF boundary)."""
+    parallel_per_runner: int = 8
+    """Models configured concurrently on one runner."""
+    busy_backoff: tuple[float, float] = (1.0, 30.0)
+    """First and longest delay when a runner answers 409 busy."""
+    unreachable_backoff: tuple[float, float] = (1.0, 30.0)
+    failure_backoff: tuple[float, float] = (5.0, 300.0)
+    """Pull failures and read-back mismatches: may be transient, never a hot loop."""
+    delete_attempts: int = 3
+    delete_timeout: float = 10.0
+    status_interval: float = 0.2
+    """Coalescing window of status writes."""
+
+
+@dataclass
+class Applied:
+    """What a worker applied and verified on the current incarnation of its runner."""
+
+    fingerprint: str
+    backend: str
+    digest: str
+    request: dict[str, Any]
+    rejected: bool = False
+
+
+@dataclass
+class Backoff:
+    attempts: int = 0
+    retry_at: float = 0.0
+
+    def failed(self, bounds: tuple[float, float], now: float) -> float:
+        first, longest = bounds
+        delay = min(longest, first * (1 << min(self.attempts, 20)))
+        self.attempts += 1
+        self.retry_at = now + delay
+        return delay
+
+
+@dataclass
+class _RunnerState:
+    runner: runner_views.Runner
+    applied: dict[str, Applied] = field(default_factory=dict)
+    store: dict[str, wire.StoreModel] | None = None
+    backoff: dict[str, Backoff] = field(default_factory=dict)
+    runner_backoff: Backoff = field(default_factory=Backoff)
+    known_incarnation: tuple[str, ...] | None = None
+    next_verify: float = 0.0
+    ever_configured: set[str] = field(default_factory=set)
+    restarted: bool = False
+    """The operator saw this runner restart (so recorded times from before are stale)."""
+
+
+class DMRModelController:
+    """In-memory picture of DMRModels and runners, and the workers that act on it."""
+
+    def __init__(
+        self,
+        *,
+        http: httpx.AsyncClient,
+        kube: kube_client.KubeClient,
+        settings: ControllerSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.http = http
+        self.kube = kube
+        self.settings = settings
+        self.clock = clock
+        self.targets: dict[str, ModelTarget] = {}
+        self.bodies: dict[str, Mapping[str, Any]] = {}
+        self.pods: dict[str, runner_views.Runner] = {}
+        self.services: dict[str, dict[str, Mapping[str, Any]]] = {}
+        self.sidecar_models: dict[tuple[str, str], frozenset[str]] = {}
+        self.placements: dict[tuple[str, str], Placement] = {}
+        self.conflicts: dict[str, str] = {}
+        self.workers: dict[str, RunnerWorker] = {}
+        self.status = StatusWriter(self)
+        self._assignment: dict[str, list[runner_views.Runner]] = {}
+        self._dirty_namespaces: set[str] = set()
+        self.listeners: list[Callable[[str, str], None]] = []
+        self._stopped = False
+
+    # --- inputs from kopf handlers --------------------------------------------------------------
+
+    def model_changed(self, body: Mapping[str, Any]) -> None:
+        """A DMRModel was added or modified (any watch event, status-only ones included)."""
+        metadata = body.get("metadata") or {}
+        key = f"{metadata.get('namespace')}/{metadata.get('name')}"
+        self.bodies[key] = body
+        if metadata.get("deletionTimestamp"):
+            return
+        previous = self.targets.get(key)
+        if (
+            previous is not None
+            and previous.generation == int(metadata.get("generation") or 0)
+            and previous.uid == metadata.get("uid")
+        ):
+            return  # a status write of ours, or labels: nothing the runners care about
+        target = dmrmodel.target_from_object(
+            body, allowed_runner_hosts=self.settings.allowed_runner_hosts
+        )
+        self.targets[key] = target
+        self._namespace_changed(target.namespace)
+        self.status.mark(key)
+
+    def model_gone(self, namespace: str, name: str) -> None:
+        key = f"{namespace}/{name}"
+        self.targets.pop(key, None)
+        self.bodies.pop(key, None)
+        for placement_key in [k for k in self.placements if k[0] == key]:
+            del self.placements[placement_key]
+        self._namespace_changed(namespace)
+
+    def pod_changed(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        runner = runner_views.runner_from_pod(body)
+        previous = self.pods.get(runner.key)
+        if deleted:
+            self.pods.pop(runner.key, None)
+        elif previous == runner:
+            return
+        else:
+            self.pods[runner.key] = runner
+        self._namespace_changed(runner.namespace)
+
+    def service_changed(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        metadata = body.get("metadata") or {}
+        namespace = str(metadata.get("namespace"))
+        by_name = self.services.setdefault(namespace, {})
+        if deleted:
+            by_name.pop(str(metadata.get("name")), None)
+        else:
+            by_name[str(metadata.get("name"))] = body
+        for key, target in self.targets.items():
+            if target.namespace == namespace:
+                self.status.mark(key)
+
+    def set_sidecar_models(self, namespace: str, pool: str, model_names: Iterable[str]) -> None:
+        """The DMRModels an Agent in Sidecar mode needs on its own pods (pool label ``pool``)."""
+        names = frozenset(model_names)
+        key = (namespace, pool)
+        if self.sidecar_models.get(key, frozenset()) == names:
+            return
+        if names:
+            self.sidecar_models[key] = names
+        else:
+            self.sidecar_models.pop(key, None)
+        self._namespace_changed(namespace)
+
+    # --- derived state --------------------------------------------------------------------------
+
+    def _namespace_changed(self, namespace: str) -> None:
+        self._dirty_namespaces.add(namespace)
+        self._reassign()
+
+    def _reassign(self) -> None:
+        """Recompute which runners serve which DMRModel, then start/wake/stop workers."""
+        namespaces, self._dirty_namespaces = self._dirty_namespaces, set()
+        if not namespaces:
+            return
+        claims: dict[str, tuple[ModelTarget, frozenset[str]]] = {}
+        for key, target in self.targets.items():
+            if target.namespace not in namespaces:
+                continue
+            selected = self._select_runners(target)
+            old = {r.key for r in self._assignment.get(key, [])}
+            self._assignment[key] = selected
+            claims[key] = (target, frozenset(r.key for r in selected))
+            if old != {r.key for r in selected}:
+                for stale in old - {r.key for r in selected}:
+                    self.placements.pop((key, stale), None)
+            self.status.mark(key)
+        for key in [k for k in self._assignment if k not in self.targets]:
+            del self._assignment[key]
+        conflicts = dmrmodel.find_conflicts(claims)
+        for key in claims:
+            self.conflicts.pop(key, None)
+        self.conflicts.update(conflicts)
+        self._sync_workers()
+
+    def _select_runners(self, target: ModelTarget) -> list[runner_views.Runner]:
+        if not target.valid:
+            return []
+        if target.url:
+            return [runner_views.external_runner(target.url, target.namespace)]
+        selector = target.pool_selector
+        chosen = []
+        for runner in self.pods.values():
+            if runner.namespace != target.namespace or not runner.ready:
+                continue
+            pool = runner.labels.get(constants.POOL_LABEL, "")
+            wanted_by_sidecar = target.name in self.sidecar_models.get(
+                (runner.namespace, pool), frozenset()
+            )
+            if wanted_by_sidecar or selectors.matches(selector, runner.labels):
+                chosen.append(runner)
+        return sorted(chosen, key=lambda r: r.key)
+
+    def runners_for(self, target_key: str) -> list[runner_views.Runner]:
+        return self._assignment.get(target_key, [])
+
+    def targets_for(self, runner_key: str) -> list[ModelTarget]:
+        """Valid, non-conflicting DMRModels that must be configured on ``runner_key``."""
+        return [
+            self.targets[key]
+            for key, selected in self._assignment.items()
+            if key in self.targets
+            and key not in self.conflicts
+            and any(r.key == runner_key for r in selected)
+        ]
+
+    def _sync_workers(self) -> None:
+        wanted: dict[str, runner_views.Runner] = {}
+        for selected in self._assignment.values():
+            for runner in selected:
+                wanted[runner.key] = runner
+        # Runners with a readiness gate must be told "nothing to configure" too.
+        for runner in self.pods.values():
+            if READINESS_GATE in runner.readiness_gates:
+                wanted.setdefault(runner.key, runner)
+        for key in list(self.workers):
+            if key not in wanted:
+                self.workers.pop(key).stop()
+        for key, runner in wanted.items():
+            worker = self.workers.get(key)
+            if worker is None:
+                if self._stopped:
+                    continue
+                worker = RunnerWorker(self, runner)
+                self.workers[key] = worker
+                worker.start()
+            else:
+                worker.update(runner)
+            worker.wake()
+
+    def placement(self, target: ModelTarget, runner: runner_views.Runner) -> Placement:
+        key = (target.key, runner.key)
+        placement = self.placements.get(key)
+        if placement is None:
+            placement = Placement(runner=runner)
+            self.placements[key] = placement
+        placement.runner = runner
+        return placement
+
+    def endpoint_for(self, target: ModelTarget) -> str | None:
+        if target.url:
+            return f"{target.url.rstrip('/')}/v1"
+        services = self.services.get(target.namespace, {}).values()
+        return runner_views.pool_service_endpoint(services, target.pool_selector)
+
+    def notify(self, target_key: str, event: str) -> None:
+        for listener in self.listeners:
+            listener(target_key, event)
+
+    # --- deletion -------------------------------------------------------------------------------
+
+    async def finalize(self, body: Mapping[str, Any]) -> list[str]:
+        """Clean a deleted DMRModel off its runners per ``deletionPolicy``; never blocks forever.
+
+        Returns the problems met (already reported as Events); the caller releases the finalizer.
+        """
+        metadata = body.get("metadata") or {}
+        namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
+        key = f"{namespace}/{name}"
+        target = self.targets.get(key) or dmrmodel.target_from_object(
+            body, allowed_runner_hosts=self.settings.allowed_runner_hosts
+        )
+        runners = list(self.runners_for(key))
+        applied_backends = {
+            runner.key: state.applied[key].backend
+            for runner in runners
+            if (worker := self.workers.get(runner.key)) is not None
+            and (state := worker.state).applied.get(key) is not None
+        }
+        self.model_gone(namespace, name)
+        spec = target.spec
+        if spec is None or target.normalized is None or spec.deletion_policy == "Retain":
+            return []
+        problems: list[str] = []
+
+        async def clean(runner: runner_views.Runner) -> None:
+            others = [t for t in self.targets_for(runner.key) if t.normalized == target.normalized]
+            backend = applied_backends.get(runner.key) or spec.backend or "llama.cpp"
+            if any((t.spec and t.spec.backend) in (None, backend) for t in others):
+                return  # another DMRModel still serves this model here: leave it loaded
+            if runner.base_url is None:
+                return
+            client = modelrunner.ModelRunnerClient(self.http, runner.base_url)
+            for attempt in range(self.settings.delete_attempts):
+                try:
+                    async with asyncio.timeout(self.settings.delete_timeout):
+                        await client.unload(backend=backend, models=[target.normalized or ""])
+                        if spec.deletion_policy == "Delete" and not others:
+                            with contextlib.suppress(modelrunner.NotFound):
+                                await client.delete_model(target.normalized or "")
+                    return
+                except (modelrunner.RunnerError, TimeoutError) as error:
+                    if attempt + 1 < self.settings.delete_attempts:
+                        await asyncio.sleep(min(2.0**attempt, 5.0))
+                        continue
+                    problem = f"could not unload {target.normalized} from {runner.name}: {error}"
+                    problems.append(problem)
+
+        await asyncio.gather(*(clean(runner) for runner in runners))
+        for problem in problems:
+            await self.status.event(body, "Warning", "CleanupFailed", problem + "; released anyway")
+        return problems
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.status.start()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        for worker in self.workers.values():
+            worker.stop()
+        await asyncio.gather(*(w.join() for w in self.workers.values()), return_exceptions=True)
+        self.workers.clear()
+        await self.status.stop()
+
+
+class RunnerWorker:
+    """Keeps one runner's configuration equal to its desired DMRModels."""
+
+    def __init__(self, controller: DMRModelController, runner: runner_views.Runner) -> None:
+        self.controller = controller
+        self.state = _RunnerState(runner=runner)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def runner(self) -> runner_views.Runner:
+        return self.state.runner
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"runner-worker:{self.runner.key}"
+        )
+
+    def update(self, runner: runner_views.Runner) -> None:
+        self.state.runner = runner
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+
+    async def join(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            timeout = max(0.0, self._next_deadline() - self.controller.clock())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not kill the worker; it is logged and retried
+                logger.exception("runner worker %s failed", self.runner.key)
+                self.state.runner_backoff.failed(
+                    self.controller.settings.unreachable_backoff, self.controller.clock()
+                )
+
+    def _next_deadline(self) -> float:
+        state = self.state
+        deadlines = [state.next_verify, state.runner_backoff.retry_at or float("inf")]
+        deadlines += [b.retry_at for b in state.backoff.values() if b.retry_at]
+        return float(min(deadlines))
+
+    # --- one pass ----------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        controller = self.controller
+        settings = controller.settings
+        state = self.state
+        runner = state.runner
+        now = controller.clock()
+        targets = controller.targets_for(runner.key)
+        if runner.base_url is None or not runner.ready:
+            return
+        if state.known_incarnation != runner.incarnation:
+            # A new process: whatever was applied before is gone from its memory.
+            restarted = state.known_incarnation is not None
+            state.applied.clear()
+            state.store = None
+            state.backoff.clear()
+            state.known_incarnation = runner.incarnation
+            state.next_verify = 0.0
+            if restarted:
+                logger.info("runner %s restarted: configuration will be re-applied", runner.key)
+                state.restarted = True
+                for target in targets:
+                    placement = controller.placement(target, runner)
+                    placement.state, placement.reason = "Configuring", Reason.CONFIGURING
+                    placement.configured_at = None
+                    controller.status.mark(target.key)
+        if state.runner_backoff.retry_at > now:
+            return
+        wanted = {t.key for t in targets}
+        for key in [k for k in state.applied if k not in wanted]:
+            del state.applied[key]
+        work = [t for t in targets if self._needs_work(t, now)]
+        verify = now >= state.next_verify
+        if not work and not verify:
+            await self._update_readiness_gate(targets)
+            return
+        client = modelrunner.ModelRunnerClient(controller.http, runner.base_url)
+        try:
+            entries = await client.read_configs()
+            if verify:
+                self._verify(targets, entries)
+                work = [t for t in targets if self._needs_work(t, now)]
+            if work:
+                if state.store is None:
+                    state.store = _index_store(await client.list_models())
+                semaphore = asyncio.Semaphore(settings.parallel_per_runner)
+
+                async def apply(target: ModelTarget) -> bool:
+                    async with semaphore:
+                        return await self._apply(client, target, entries)
+
+                sent = await asyncio.gather(*(apply(t) for t in work))
+                if any(sent):
+                    entries = await client.read_configs()
+                for target in work:
+                    self._check(target, entries)
+            state.runner_backoff = Backoff()
+            state.next_verify = controller.clock() + settings.verify_interval
+        except modelrunner.RunnerUnreachable as error:
+            delay = state.runner_backoff.failed(settings.unreachable_backoff, controller.clock())
+            for target in targets:
+                self._fail(target, Reason.RUNNER_UNREACHABLE, f"{error} (retry in {delay:.0f}s)")
+        await self._update_readiness_gate(targets)
+
+    def _needs_work(self, target: ModelTarget, now: float) -> bool:
+        applied = self.state.applied.get(target.key)
+        if applied is not None and applied.fingerprint == _fingerprint(target):
+            return False
+        backoff = self.state.backoff.get(target.key)
+        return backoff is None or backoff.retry_at <= now
+
+    def _verify(self, targets: list[ModelTarget], entries: list[wire.ModelConfigEntry]) -> None:
+        """Periodic/first read-back: anything applied but no longer on the runner is redone."""
+        for target in targets:
+            applied = self.state.applied.get(target.key)
+            if applied is None or applied.rejected:
+                continue
+            if not _matching(entries, applied):
+                logger.info("runner %s lost %s: re-applying", self.runner.key, target.key)
+                del self.state.applied[target.key]
+                self.controller.placement(target, self.runner).state = "Configuring"
+
+    async def _apply(
+        self,
+        client: modelrunner.ModelRunnerClient,
+        target: ModelTarget,
+        entries: list[wire.ModelConfigEntry],
+    ) -> bool:
+        """Pull if needed, then configure unless the runner already has it. True = POST sent."""
+        controller = self.controller
+        spec = target.spec
+        assert spec is not None and target.normalized is not None
+        placement = controller.placement(target, self.runner)
+        try:
+            stored = await self._ensure_pulled(client, target, target.normalized, placement)
+            if target.draft:
+                await self._ensure_pulled(client, target, target.draft, placement)
+            if stored is None:
+                return False
+            placement.pulled, placement.pulled_percent = True, 100
+            backend = dmrmodel.resolve_backend(spec, stored.config.format)
+            request_body = dmrmodel.configure_request(target, backend)
+            request = wire.ConfigureRequest.model_validate(request_body)
+            applied = Applied(
+                fingerprint=_fingerprint(target),
+                backend=backend,
+                digest=wire.digest_of(stored),
+                request=request_body,
+            )
+            placement.digest, placement.backend = applied.digest, backend
+            placement.config_hash = dmrmodel.config_hash(backend, request_body)
+            self.state.applied[target.key] = applied
+            if _matching(entries, applied):
+                return False  # already there (operator restart): verify only, send nothing
+            placement.state, placement.reason = "Configuring", Reason.CONFIGURING
+            controller.status.mark(target.key)
+            if controller.targets.get(target.key) is not target:
+                return False  # deleted or changed while we pulled
+            await self._configure(client, request, backend, spec.busy_policy, target.normalized)
+            return True
+        except modelrunner.RunnerBusy as error:
+            self.state.applied.pop(target.key, None)
+            delay = self._backoff(target).failed(
+                controller.settings.busy_backoff, controller.clock()
+            )
+            self._fail(target, Reason.RUNNER_BUSY, f"{error} (retry in {delay:.0f}s)", "Busy")
+        except modelrunner.ConfigRejected as error:
+            # Deterministic: the same request would be rejected again. Wait for a spec change.
+            self.state.applied[target.key] = Applied(
+                fingerprint=_fingerprint(target), backend="", digest="", request={}, rejected=True
+            )
+            self._fail(target, Reason.CONFIG_REJECTED, str(error))
+        except modelrunner.PullFailed as error:
+            delay = self._backoff(target).failed(
+                controller.settings.failure_backoff, controller.clock()
+            )
+            self._fail(target, Reason.PULL_FAILED, f"{error} (retry in {delay:.0f}s)")
+        except modelrunner.RunnerUnreachable:
+            raise
+        except modelrunner.RunnerError as error:
+            delay = self._backoff(target).failed(
+                controller.settings.failure_backoff, controller.clock()
+            )
+            self._fail(target, Reason.CONFIG_REJECTED, f"{error} (retry in {delay:.0f}s)")
+        return False
+
+    async def _ensure_pulled(
+        self,
+        client: modelrunner.ModelRunnerClient,
+        target: ModelTarget,
+        reference: str,
+        placement: Placement,
+    ) -> wire.StoreModel | None:
+        spec = target.spec
+        assert spec is not None and self.state.store is not None
+        stored = self.state.store.get(reference)
+        if stored is not None and spec.pull_policy != "Always":
+            return stored
+        if stored is None and spec.pull_policy == "Never":
+            delay = self._backoff(target).failed(
+                self.controller.settings.failure_backoff, self.controller.clock()
+            )
+            self._fail(
+                target,
+                Reason.PULL_FAILED,
+                f"{reference} is not in the runner's store and pullPolicy is Never "
+                f"(retry in {delay:.0f}s)",
+            )
+            return None
+        placement.state, placement.reason = "Pulling", Reason.PULLING
+        placement.pulled_percent = 0
+        self.controller.status.mark(target.key)
+        tracker = wire.PullProgressTracker()
+
+        def progress(line: wire.PullProgress) -> None:
+            percent = tracker.update(line)
+            if percent is None:
+                return
+            rounded = int(percent)
+            # Status is written for every 5 %, not for every NDJSON line.
+            if placement.pulled_percent is None or rounded - placement.pulled_percent >= 5:
+                placement.pulled_percent = rounded
+                self.controller.status.mark(target.key)
+
+        result = await client.pull(reference, on_progress=progress)
+        stored = await client.get_model(reference)
+        if stored is None:
+            raise modelrunner.PullFailed(f"{reference} is not in the store after a pull")
+        self.state.store[reference] = stored
+        message = f"pulled {reference} on {self.runner.name} ({wire.digest_of(stored)[:19]})"
+        if not getattr(result, "cached", False):
+            await self.controller.status.event_for(target.key, "Normal", "Pulled", message)
+        return stored
+
+    async def _configure(
+        self,
+        client: modelrunner.ModelRunnerClient,
+        request: wire.ConfigureRequest,
+        backend: str,
+        busy_policy: str,
+        model: str,
+    ) -> None:
+        try:
+            await client.configure(backend, request)
+        except modelrunner.RunnerBusy:
+            if busy_policy != "Unload":
+                raise
+            await client.unload(backend=backend, models=[model])
+            await client.configure(backend, request)
+
+    def _check(self, target: ModelTarget, entries: list[wire.ModelConfigEntry]) -> None:
+        """Compare the read-back with what was sent; only a match counts as configured."""
+        applied = self.state.applied.get(target.key)
+        placement = self.controller.placement(target, self.runner)
+        if applied is None or applied.rejected:
+            return
+        entry = _matching(entries, applied)
+        request = wire.ConfigureRequest.model_validate(applied.request)
+        differences = (
+            wire.config_differences(request, entry, backend=applied.backend)
+            if entry is not None
+            else ["the runner does not report this configuration"]
+        )
+        if differences:
+            del self.state.applied[target.key]
+            delay = self._backoff(target).failed(
+                self.controller.settings.failure_backoff, self.controller.clock()
+            )
+            self._fail(
+                target,
+                Reason.CONFIG_MISMATCH,
+                f"read-back differs: {'; '.join(differences)} (retry in {delay:.0f}s)",
+            )
+            return
+        assert entry is not None
+        self.state.backoff.pop(target.key, None)
+        was = placement.state
+        placement.state, placement.reason, placement.message = "Configured", Reason.CONFIGURED, None
+        placement.effective = entry.config.to_wire()
+        if was != "Configured" or placement.configured_at is None:
+            placement.configured_at = (
+                kube_client.now_rfc3339()
+                if self.state.restarted
+                else self.controller.status.configured_at(target, self.runner)
+            )
+            restarted = self.state.restarted and target.key in self.state.ever_configured
+            self.state.ever_configured.add(target.key)
+            reason, verb = (
+                ("Reconfigured", "re-applied after the runner lost it")
+                if restarted
+                else (
+                    "Configured",
+                    "applied and verified",
+                )
+            )
+            self.controller.status.event_soon(
+                target.key, "Normal", reason, f"configuration {verb} on {self.runner.name}"
+            )
+        self.controller.status.mark(target.key)
+
+    def _fail(self, target: ModelTarget, reason: str, message: str, state: str = "Failed") -> None:
+        placement = self.controller.placement(target, self.runner)
+        changed = placement.reason != reason
+        placement.state = state  # type: ignore[assignment]
+        placement.reason, placement.message = reason, message
+        self.controller.status.mark(target.key)
+        if changed:
+            self.controller.status.event_soon(target.key, "Warning", reason, message)
+
+    def _backoff(self, target: ModelTarget) -> Backoff:
+        return self.state.backoff.setdefault(target.key, Backoff())
+
+    async def _update_readiness_gate(self, targets: list[ModelTarget]) -> None:
+        runner = self.runner
+        if READINESS_GATE not in runner.readiness_gates or runner.external:
+            return
+        configured = all(
+            self.controller.placements.get((t.key, runner.key)) is not None
+            and self.controller.placements[(t.key, runner.key)].state == "Configured"
+            for t in targets
+        )
+        wanted = "True" if configured else "False"
+        if runner.pod_conditions.get(READINESS_GATE) == wanted:
+            return
+        try:
+            await self.controller.kube.set_pod_condition(
+                namespace=runner.namespace,
+                name=runner.name,
+                condition_type=READINESS_GATE,
+                status=wanted,
+                message=f"{sum(1 for t in targets)} model(s) "
+                + ("configured" if configured else "not configured yet"),
+            )
+        except kube_client.KubeError as error:
+            logger.warning("could not set %s on %s: %s", READINESS_GATE, runner.key, error)
+
+
+def _fingerprint(target: ModelTarget) -> str:
+    spec = target.spec
+    return f"{target.uid}:{target.generation}:{spec.model_dump_json() if spec else ''}"
+
+
+def _index_store(models: Iterable[wire.StoreModel]) -> dict[str, wire.StoreModel]:
+    index: dict[str, wire.StoreModel] = {}
+    for model in models:
+        for tag in model.tags:
+            index[references.normalize_reference(tag)] = model
+    return index
+
+
+def _matching(
+    entries: Iterable[wire.ModelConfigEntry], applied: Applied
+) -> wire.ModelConfigEntry | None:
+    """The read-back entry for what was applied (same backend, model digest and mode)."""
+    request = wire.ConfigureRequest.model_validate(applied.request)
+    mode = request.effective_mode()
+    for entry in entries:
+        if (
+            entry.backend == applied.backend
+            and entry.model_id == applied.digest
+            and entry.mode == mode
+            and not wire.config_differences(request, entry, backend=applied.backend)
+        ):
+            return entry
+    return None
+
+
+class StatusWriter:
+    """Coalesces status recomputation and writes only what changed, plus Events."""
+
+    def __init__(self, controller: DMRModelController) -> None:
+        self.controller = controller
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._pending_events: list[tuple[str, str, str, str]] = []
+        self.writes = 0
+
+    def mark(self, key: str) -> None:
+        self._dirty.add(key)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="dmrmodel-status")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        interval = self.controller.settings.status_interval
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        events, self._pending_events = self._pending_events, []
+        writes = [self._write(key) for key in sorted(dirty)]
+        await asyncio.gather(*writes)
+        for key, type_, reason, message in events:
+            await self.event_for(key, type_, reason, message)
+
+    def compute(self, key: str) -> dict[str, Any] | None:
+        controller = self.controller
+        target = controller.targets.get(key)
+        body = controller.bodies.get(key)
+        if target is None or body is None:
+            return None
+        runners = controller.runners_for(key)
+        placements = [controller.placement(target, r) for r in runners]
+        return dmrmodel.model_status(
+            target,
+            placements,
+            previous=body.get("status"),
+            endpoint=controller.endpoint_for(target),
+            conflict_with=controller.conflicts.get(key),
+            now=kube_client.now_rfc3339(),
+        )
+
+    async def _write(self, key: str) -> None:
+        status = self.compute(key)
+        body = self.controller.bodies.get(key)
+        if status is None or body is None:
+            return
+        previous = dict(body.get("status") or {})
+        if _same_status(previous, status):
+            return
+        patch: dict[str, Any] = {k: None for k in previous if k not in status}
+        patch.update(status)
+        metadata = body["metadata"]
+        try:
+            await self.controller.kube.patch_status(
+                api_version=constants.API_VERSION,
+                kind=constants.DMRMODEL_KIND,
+                namespace=metadata["namespace"],
+                name=metadata["name"],
+                status=patch,
+            )
+            self.writes += 1
+        except kube_client.NotFound:
+            return
+        except kube_client.KubeError as error:
+            logger.warning("status of %s not written: %s", key, error)
+            self.mark(key)
+            return
+        # Remember what we wrote, so the echo of our own write does not look like a change.
+        self.controller.bodies[key] = {**body, "status": status}
+        old_phase = previous.get("phase")
+        if old_phase != status.get("phase"):
+            self.controller.notify(key, "phase")
+
+    def configured_at(self, target: ModelTarget, runner: runner_views.Runner) -> str:
+        """Keep the recorded time across operator restarts when the runner is the same."""
+        body = self.controller.bodies.get(target.key) or {}
+        for entry in (body.get("status") or {}).get("runners") or ():
+            if (
+                entry.get("pod") == runner.name
+                and entry.get("state") == "Configured"
+                and entry.get("configuredAt")
+            ):
+                return str(entry["configuredAt"])
+        return kube_client.now_rfc3339()
+
+    def event_soon(self, key: str, type_: str, reason: str, message: str) -> None:
+        self._pending_events.append((key, type_, reason, message))
+        self._wake.set()
+
+    async def event_for(self, key: str, type_: str, reason: str, message: str) -> None:
+        body = self.controller.bodies.get(key)
+        if body is not None:
+            await self.event(body, type_, reason, message)
+
+    async def event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        try:
+            await self.controller.kube.post_event(
+                involved=body, type_=type_, reason=reason, message=message
+            )
+        except kube_client.KubeError as error:
+            logger.warning("event %s not recorded: %s", reason, error)
+
+
+def _same_status(previous: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+    return dict(previous) == dict(status)

@@ -1,0 +1,433 @@
+"""DMRModel, pure: from the object to the exact ``_configure`` body, and from runner results to status.
+
+``target_from_object`` parses and validates a DMRModel with model-runner's own rules (no HTTP call
+is ever made for an invalid spec); ``configure_request`` renders the wire JSON for a backend;
+``model_status`` summarises what every runner reported into phase, conditions and the printer
+columns. ``find_conflicts`` settles which of two DMRModels claiming the same model on the same
+runner wins. The controller in ``dmr_operator.controllers.dmrmodels`` drives these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+import pydantic
+
+from dmr_operator import constants
+from dmr_operator.api.v1alpha1.dmrmodel import DMRModelSpec, RunnerState
+from dmr_operator.dmr import references, validation
+from dmr_operator.reconcile import conditions, runners
+
+DEFAULT_POOL_SELECTOR: Mapping[str, Any] = {
+    "matchLabels": {constants.POOL_LABEL: constants.DEFAULT_POOL}
+}
+
+
+class Reason:
+    """The fixed vocabulary of condition reasons (documented in the README's troubleshooting)."""
+
+    READY = "Ready"
+    PULLED = "Pulled"
+    CONFIGURED = "Configured"
+    PULLING = "Pulling"
+    CONFIGURING = "Configuring"
+    NO_RUNNERS = "NoRunners"
+    RUNNER_UNREACHABLE = "RunnerUnreachable"
+    PULL_FAILED = "PullFailed"
+    CONFIG_REJECTED = "ConfigRejected"
+    CONFIG_MISMATCH = "ConfigMismatch"
+    RUNNER_BUSY = "RunnerBusy"
+    INVALID_SPEC = "InvalidSpec"
+    CONFLICT = "Conflict"
+
+
+# Which failure a person should hear about first when runners disagree.
+_REASON_PRIORITY = (
+    Reason.INVALID_SPEC,
+    Reason.CONFIG_REJECTED,
+    Reason.PULL_FAILED,
+    Reason.CONFIG_MISMATCH,
+    Reason.RUNNER_UNREACHABLE,
+    Reason.RUNNER_BUSY,
+    Reason.PULLING,
+    Reason.CONFIGURING,
+)
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """A DMRModel as the controller needs it: identity, parsed spec, and what is wrong with it."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    created: str
+    spec: DMRModelSpec | None
+    problems: tuple[str, ...] = ()
+    normalized: str | None = None
+    draft: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def valid(self) -> bool:
+        return self.spec is not None and not self.problems
+
+    @property
+    def url(self) -> str | None:
+        return self.spec.runners.url if self.spec and self.spec.runners else None
+
+    @property
+    def pool_selector(self) -> Mapping[str, Any]:
+        if self.spec and self.spec.runners and self.spec.runners.pool_selector:
+            return self.spec.runners.pool_selector.to_api()
+        return DEFAULT_POOL_SELECTOR
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        """What two DMRModels must not both claim on one runner: model, backend, mode."""
+        spec = self.spec
+        mode = (spec.mode if spec else None) or "completion"
+        return (self.normalized or "", (spec.backend if spec else None) or "", mode)
+
+
+class _Identity(TypedDict):
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    created: str
+
+
+def target_from_object(
+    body: Mapping[str, Any], *, allowed_runner_hosts: Iterable[str] = ()
+) -> ModelTarget:
+    """Parse and validate a DMRModel object; problems are collected, never raised."""
+    metadata = body.get("metadata") or {}
+    identity = _Identity(
+        namespace=str(metadata.get("namespace", "")),
+        name=str(metadata.get("name", "")),
+        uid=str(metadata.get("uid", "")),
+        generation=int(metadata.get("generation") or 0),
+        created=str(metadata.get("creationTimestamp", "")),
+    )
+    try:
+        spec = DMRModelSpec.model_validate(body.get("spec") or {})
+    except pydantic.ValidationError as error:
+        return ModelTarget(**identity, spec=None, problems=tuple(_pydantic_problems(error)))
+    problems = validate_spec(spec, allowed_runner_hosts=allowed_runner_hosts)
+    draft = spec.speculative.draft_model if spec.speculative else None
+    return ModelTarget(
+        **identity,
+        spec=spec,
+        problems=tuple(problems),
+        normalized=references.normalize_reference(spec.model),
+        draft=references.normalize_reference(draft) if draft else None,
+    )
+
+
+def _pydantic_problems(error: pydantic.ValidationError) -> list[str]:
+    return [
+        f"spec.{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors()
+    ]
+
+
+def validate_spec(spec: DMRModelSpec, *, allowed_runner_hosts: Iterable[str] = ()) -> list[str]:
+    """Every rule the CRD schema cannot express, with model-runner's own messages."""
+    problems: list[str] = []
+
+    def check(rule: Any, *args: Any) -> Any:
+        try:
+            return rule(*args)
+        except validation.RunnerValidationError as error:
+            problems.append(str(error))
+            return None
+
+    if spec.runtime_flags and spec.raw_runtime_flags:
+        problems.append("runtimeFlags and rawRuntimeFlags are exclusive; pick one")
+    flags = list(spec.runtime_flags or [])
+    if not flags and spec.raw_runtime_flags:
+        flags = check(validation.split_raw_runtime_flags, spec.raw_runtime_flags) or []
+    if spec.backend is not None and flags:
+        check(validation.validate_runtime_flags, spec.backend, flags)
+    if spec.keep_alive is not None:
+        check(validation.parse_keep_alive, spec.keep_alive)
+    if spec.thinking_budget is not None:
+        check(validation.reasoning_budget, spec.thinking_budget)
+    if spec.context_size == 0:
+        problems.append(
+            "contextSize 0 is ignored by model-runner; use a positive size, or -1 for unlimited"
+        )
+    if spec.vllm is not None:
+        if spec.backend not in (None, "vllm"):
+            problems.append(f"vllm options need backend vllm, not {spec.backend}")
+        if spec.vllm.hf_overrides is not None:
+            check(validation.validate_hf_overrides, spec.vllm.hf_overrides)
+        if spec.vllm.gpu_memory_utilization is not None:
+            check(validation.validate_gpu_memory_utilization, spec.vllm.gpu_memory_utilization)
+    if spec.runners is not None:
+        if spec.runners.url and spec.runners.pool_selector:
+            problems.append("runners.url and runners.poolSelector are exclusive; pick one")
+        if spec.runners.url:
+            problem = runners.external_url_problem(spec.runners.url, allowed_runner_hosts)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def resolve_backend(spec: DMRModelSpec, model_format: str | None) -> str:
+    """The backend to configure: the spec's, else what model-runner picks for the format."""
+    if spec.backend:
+        return spec.backend
+    return validation.default_backend_for_format(model_format or "gguf")
+
+
+def configure_request(target: ModelTarget, backend: str) -> dict[str, Any]:
+    """The ``_configure`` body for ``backend``, in model-runner's exact wire spelling.
+
+    The model is sent in its normalised form: vLLM serves a model under the name used for its
+    first load, so one canonical string per model keeps agents and the operator in agreement.
+    """
+    spec = target.spec
+    if spec is None or target.normalized is None:
+        raise ValueError(f"DMRModel {target.key} has no valid spec")
+    body: dict[str, Any] = {"model": target.normalized}
+    if spec.mode:
+        body["mode"] = spec.mode
+    if spec.context_size is not None:
+        body["context-size"] = spec.context_size
+    if spec.runtime_flags:
+        body["runtime-flags"] = list(spec.runtime_flags)
+    elif spec.raw_runtime_flags:
+        body["raw-runtime-flags"] = spec.raw_runtime_flags
+    if spec.keep_alive is not None:
+        body["keep_alive"] = spec.keep_alive
+    if spec.speculative is not None and target.draft:
+        speculative: dict[str, Any] = {"draft_model": target.draft}
+        if spec.speculative.num_tokens is not None:
+            speculative["num_tokens"] = spec.speculative.num_tokens
+        if spec.speculative.min_acceptance_rate is not None:
+            speculative["min_acceptance_rate"] = spec.speculative.min_acceptance_rate
+        body["speculative"] = speculative
+    if backend == "vllm" and spec.vllm is not None:
+        vllm: dict[str, Any] = {}
+        if spec.vllm.gpu_memory_utilization is not None:
+            vllm["gpu-memory-utilization"] = spec.vllm.gpu_memory_utilization
+        if spec.vllm.hf_overrides is not None:
+            vllm["hf-overrides"] = spec.vllm.hf_overrides
+        body["vllm"] = vllm
+    # On vLLM the budget travels per request (Agents render it); only llama.cpp takes it here.
+    if backend == "llama.cpp" and spec.thinking_budget is not None:
+        body["llamacpp"] = {"reasoning-budget": validation.reasoning_budget(spec.thinking_budget)}
+    return body
+
+
+def config_hash(backend: str, request: Mapping[str, Any]) -> str:
+    canonical = json.dumps({"backend": backend, "request": request}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def find_conflicts(
+    claims: Mapping[str, tuple[ModelTarget, frozenset[str]]],
+) -> dict[str, str]:
+    """Targets that lose a claim, mapped to the name of the older DMRModel that keeps it.
+
+    ``claims`` maps a target key to the target and the runner keys it selects. Two valid targets
+    conflict when they name the same model, backend and mode and share a runner: the older one
+    (creation time, then name) wins, so applying a duplicate never disturbs a working model.
+    """
+    losers: dict[str, str] = {}
+    ordered = sorted(
+        (c for c in claims.values() if c[0].valid), key=lambda c: (c[0].created, c[0].name)
+    )
+    for index, (target, runner_keys) in enumerate(ordered):
+        for older, older_runners in ordered[:index]:
+            if older.key in losers or older.namespace != target.namespace:
+                continue
+            if older.identity == target.identity and runner_keys & older_runners:
+                losers[target.key] = older.name
+                break
+    return losers
+
+
+@dataclass
+class Placement:
+    """What one runner reports about one model: the unit the controller updates."""
+
+    runner: runners.Runner
+    state: RunnerState = "Pending"
+    reason: str = Reason.CONFIGURING
+    message: str | None = None
+    pulled: bool = False
+    pulled_percent: int | None = None
+    configured_at: str | None = None
+    digest: str | None = None
+    backend: str | None = None
+    config_hash: str | None = None
+    effective: Mapping[str, Any] | None = field(default=None)
+
+
+def model_status(
+    target: ModelTarget,
+    placements: Sequence[Placement],
+    *,
+    previous: Mapping[str, Any] | None,
+    endpoint: str | None,
+    conflict_with: str | None,
+    now: str,
+) -> dict[str, Any]:
+    """The complete ``status`` of a DMRModel, stable when nothing changed (no spurious writes)."""
+    previous = previous or {}
+    generation = target.generation
+    base: dict[str, Any] = {
+        "observedGeneration": generation,
+        "normalizedModel": target.normalized,
+    }
+    if not target.valid or conflict_with is not None:
+        if conflict_with is not None:
+            reason = Reason.CONFLICT
+            model, backend, mode = target.identity
+            message = (
+                f"{model} ({backend or 'auto'} backend, {mode}) is already managed on the same "
+                f"runners by DMRModel {conflict_with}; delete one of them"
+            )
+        else:
+            reason = Reason.INVALID_SPEC
+            message = "; ".join(target.problems)
+        failed = conditions.ConditionUpdate
+        base.update(
+            phase="Failed",
+            conditions=conditions.merge_conditions(
+                previous.get("conditions"),
+                [
+                    failed("Pulled", "False", reason, message),
+                    failed("Configured", "False", reason, message),
+                    failed("Ready", "False", reason, message),
+                ],
+                now=now,
+                generation=generation,
+            ),
+            runners=[],
+            readyRunners=0,
+            totalRunners=0,
+            runnersSummary="0/0",
+        )
+        return _without_none(base)
+
+    total = len(placements)
+    configured = [p for p in placements if p.state == "Configured"]
+    pulled_all = total > 0 and all(p.pulled for p in placements)
+    blocking = _blocking_reason(placements)
+    if total == 0:
+        phase, reason, message = "Pending", Reason.NO_RUNNERS, _no_runner_message(target)
+    elif len(configured) == total:
+        phase, reason, message = "Ready", Reason.READY, f"configured on {total} runner(s)"
+    else:
+        reason, message = blocking
+        if configured:
+            phase = "Degraded"
+        elif any(p.state == "Pulling" for p in placements):
+            phase = "Pulling"
+        elif all(p.state == "Failed" for p in placements):
+            phase = "Failed"
+        else:
+            phase = "Configuring"
+    pulled_reason = (
+        Reason.PULLED
+        if pulled_all
+        else (
+            reason
+            if reason in (Reason.PULL_FAILED, Reason.NO_RUNNERS, Reason.RUNNER_UNREACHABLE)
+            else Reason.PULLING
+        )
+    )
+    configured_ok = total > 0 and len(configured) == total
+    update = conditions.ConditionUpdate
+    base["conditions"] = conditions.merge_conditions(
+        previous.get("conditions"),
+        [
+            update(
+                "Pulled",
+                "True" if pulled_all else "False",
+                pulled_reason,
+                f"pulled on {sum(p.pulled for p in placements)}/{total} runner(s)",
+            ),
+            update(
+                "Configured",
+                "True" if configured_ok else "False",
+                Reason.CONFIGURED if configured_ok else reason,
+                f"configured on {len(configured)}/{total} runner(s)"
+                + ("" if configured_ok else f": {message}"),
+            ),
+            update("Ready", "True" if phase == "Ready" else "False", reason, message),
+        ],
+        now=now,
+        generation=generation,
+    )
+    first = configured[0] if configured else None
+    base.update(
+        phase=phase,
+        digest=next((p.digest for p in (first, *placements) if p and p.digest), None),
+        backend=first.backend
+        if first
+        else next((p.backend for p in placements if p.backend), None),
+        configHash=first.config_hash if first else None,
+        runners=[_runner_status(p) for p in sorted(placements, key=lambda p: p.runner.key)],
+        readyRunners=len(configured),
+        totalRunners=total,
+        runnersSummary=f"{len(configured)}/{total}",
+        effective=dict(first.effective) if first and first.effective is not None else None,
+        endpoint=endpoint,
+    )
+    return _without_none(base)
+
+
+def _blocking_reason(placements: Sequence[Placement]) -> tuple[str, str]:
+    pending = [p for p in placements if p.state != "Configured"]
+    for reason in _REASON_PRIORITY:
+        hits = [p for p in pending if p.reason == reason]
+        if hits:
+            first = hits[0]
+            detail = f": {first.message}" if first.message else ""
+            return reason, f"{first.runner.name}{detail}" + (
+                f" (and {len(hits) - 1} more runner(s))" if len(hits) > 1 else ""
+            )
+    return Reason.CONFIGURING, "waiting for runners"
+
+
+def _no_runner_message(target: ModelTarget) -> str:
+    if target.url:
+        return f"external runner {target.url} is not reachable yet"
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(_selector_labels(target).items()))
+    wanted = labels or "the selector"
+    return f"no Ready model-runner pod in namespace {target.namespace} matches {wanted}"
+
+
+def _selector_labels(target: ModelTarget) -> dict[str, str]:
+    return dict(target.pool_selector.get("matchLabels") or {})
+
+
+def _runner_status(placement: Placement) -> dict[str, Any]:
+    runner = placement.runner
+    return _without_none(
+        {
+            "pod": runner.name,
+            "node": runner.node,
+            "address": runner.address,
+            "state": placement.state,
+            "pulledPercent": placement.pulled_percent,
+            "configuredAt": placement.configured_at,
+            "message": placement.message,
+        }
+    )
+
+
+def _without_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}

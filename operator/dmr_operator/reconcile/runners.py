@@ -1,0 +1,186 @@
+"""Runner pods and external runners as the reconciler sees them: identity, address, readiness.
+
+Model-runner keeps configuration in process memory, so what matters about a pod is its
+*incarnation*: the pod UID, its IP and the runner container's restart count. Any change means
+the configuration is gone and must be applied again. This module turns Pod objects into that
+view and finds the Service that publishes a pool; it does no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from dmr_operator import constants
+from dmr_operator.reconcile import selectors
+
+
+@dataclass(frozen=True)
+class Runner:
+    """One model-runner process the operator talks to: a pod, or an external URL."""
+
+    key: str  # "<namespace>/<pod>" for pods, the normalised base URL for external runners
+    namespace: str
+    name: str
+    base_url: str | None
+    ready: bool
+    incarnation: tuple[str, ...]
+    node: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    readiness_gates: tuple[str, ...] = ()
+    pod_conditions: Mapping[str, str] = field(default_factory=dict)
+    external: bool = False
+
+    @property
+    def address(self) -> str | None:
+        return urlsplit(self.base_url).netloc if self.base_url else None
+
+
+def runner_from_pod(pod: Mapping[str, Any]) -> Runner:
+    """The runner behind a model-runner pod (label ``dmr.dev/pool``)."""
+    metadata = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    container, port = _runner_container(spec)
+    container_status = next(
+        (s for s in status.get("containerStatuses") or () if s.get("name") == container), None
+    )
+    ip = status.get("podIP")
+    terminating = metadata.get("deletionTimestamp") is not None
+    if container_status is not None:
+        container_ready = bool(container_status.get("ready"))
+        restarts = int(container_status.get("restartCount") or 0)
+    else:
+        # No status for the container yet: fall back to the pod's Ready condition.
+        container_ready = _condition_status(status, "Ready") == "True"
+        restarts = 0
+    return Runner(
+        key=f"{metadata.get('namespace')}/{metadata.get('name')}",
+        namespace=str(metadata.get("namespace")),
+        name=str(metadata.get("name")),
+        base_url=f"http://{_host(ip)}:{port}" if ip else None,
+        ready=bool(ip) and container_ready and not terminating and status.get("phase") == "Running",
+        incarnation=(str(metadata.get("uid")), str(ip), str(restarts)),
+        node=spec.get("nodeName"),
+        labels=dict(metadata.get("labels") or {}),
+        readiness_gates=tuple(
+            str(g.get("conditionType")) for g in spec.get("readinessGates") or ()
+        ),
+        pod_conditions={
+            str(c.get("type")): str(c.get("status")) for c in status.get("conditions") or ()
+        },
+    )
+
+
+def external_runner(url: str, namespace: str) -> Runner:
+    base = url.rstrip("/")
+    return Runner(
+        key=base,
+        namespace=namespace,
+        name=urlsplit(base).netloc,
+        base_url=base,
+        ready=True,
+        incarnation=(base,),
+        external=True,
+    )
+
+
+def _runner_container(spec: Mapping[str, Any]) -> tuple[str | None, int]:
+    """The model-runner container and its port: the port named ``dmr``, else 12434."""
+    containers = list(spec.get("containers") or ())
+    for container in containers:
+        for port in container.get("ports") or ():
+            if port.get("name") == constants.RUNNER_PORT_NAME:
+                return container.get("name"), int(port["containerPort"])
+    by_name = next((c for c in containers if c.get("name") == constants.RUNNER_CONTAINER), None)
+    chosen = by_name or (containers[0] if containers else None)
+    return (chosen.get("name") if chosen else None), constants.RUNNER_PORT
+
+
+def _condition_status(status: Mapping[str, Any], type_: str) -> str | None:
+    for condition in status.get("conditions") or ():
+        if condition.get("type") == type_:
+            return str(condition.get("status"))
+    return None
+
+
+def _host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def pool_service_endpoint(
+    services: Iterable[Mapping[str, Any]], selector: Mapping[str, Any]
+) -> str | None:
+    """OpenAI base URL of the Service that fronts the pool ``selector`` selects, if any.
+
+    The URL ends in the ``/v1`` alias on purpose: docker-agent derives its own ``_configure``
+    call from ``base_url`` minus ``/v1``, which there is ``/_configure``, a path model-runner
+    does not route, so agents can never replace the operator's configuration.
+    """
+    pool_labels = selectors.implied_labels(selector)
+    candidates = []
+    for service in services:
+        service_selector = (service.get("spec") or {}).get("selector") or {}
+        if service_selector and all(pool_labels.get(k) == v for k, v in service_selector.items()):
+            candidates.append(service)
+    if not candidates:
+        return None
+    service = min(candidates, key=lambda s: str(s["metadata"]["name"]))
+    port = _service_port(service)
+    if port is None:
+        return None
+    meta = service["metadata"]
+    return f"http://{meta['name']}.{meta['namespace']}.svc:{port}/v1"
+
+
+def _service_port(service: Mapping[str, Any]) -> int | None:
+    ports = list((service.get("spec") or {}).get("ports") or ())
+    for port in ports:
+        if port.get("targetPort") in (constants.RUNNER_PORT, constants.RUNNER_PORT_NAME):
+            return int(port["port"])
+    return int(ports[0]["port"]) if ports else None
+
+
+# Hosts an external runner URL may never name, whatever the allow-list says: cloud metadata
+# services and link-local ranges are the classic SSRF targets.
+_ALWAYS_REFUSED_HOSTS = frozenset(
+    {"metadata.google.internal", "metadata", "169.254.169.254", "fd00:ec2::254", "100.100.100.200"}
+)
+
+
+def external_url_problem(url: str, allowed_hosts: Iterable[str]) -> str | None:
+    """Why ``url`` may not be called, or None when it is allowed.
+
+    The operator POSTs to URLs users write, so this is a security boundary: only hosts the
+    operator's administrator listed, never link-local or metadata addresses, no credentials in
+    the URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return f"runners.url {url!r}: only http and https are allowed"
+    if parts.username or parts.password:
+        return f"runners.url {url!r}: credentials in the URL are not allowed"
+    host = (parts.hostname or "").lower().rstrip(".")
+    if not host:
+        return f"runners.url {url!r}: no host"
+    if host in _ALWAYS_REFUSED_HOSTS:
+        return f"runners.url host {host!r} is a metadata address and is always refused"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None and (
+        address.is_link_local or address.is_multicast or address.is_unspecified
+    ):
+        return f"runners.url host {host!r} is link-local, multicast or unspecified and is refused"
+    allowed = {h.strip().lower().rstrip(".") for h in allowed_hosts if h.strip()}
+    host_port = f"{host}:{parts.port}" if parts.port else host
+    if host not in allowed and host_port not in allowed:
+        return (
+            f"runners.url host {host!r} is not on the operator's allowed runner hosts "
+            "(--allowed-runner-hosts); ask the cluster administrator to add it"
+        )
+    return None
