@@ -1,0 +1,491 @@
+"""The Helm chart rendered and linted by Helm's own code (dmr_operator.testing.helm).
+
+Covers: every mode renders and lints clean; standard labels; the operator's command line per
+mode; RBAC in cluster-wide and namespaced form, least privilege; kopf peering; metrics; runner
+pools (image per accelerator, GPUs, the Service selector the operator relies on, storage);
+values that must be refused at install time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import pytest
+
+from dmr_operator import constants
+from dmr_operator.testing import helm
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "dmr-operator"
+RELEASE = "dmr"
+NAMESPACE = "dmr-system"
+STANDARD_LABELS = (
+    "helm.sh/chart",
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+)
+TWO_POOLS: dict[str, Any] = {
+    "runnerPools": [
+        {
+            "name": "gpu",
+            "accelerator": "nvidia",
+            "gpus": 2,
+            "runtimeClassName": "nvidia",
+            "nodeSelector": {"nvidia.com/gpu.present": "true"},
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+            "resources": {"limits": {"memory": "32Gi"}},
+            "storage": {"size": "200Gi", "storageClassName": "fast"},
+        },
+        {"name": "cpu", "accelerator": "cpu", "replicas": 2, "cloudEnvironment": False},
+    ]
+}
+MODES: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "namespaced-rbac": {
+        "watchNamespaces": [NAMESPACE, "team-a"],
+        "rbac": {"clusterWide": False},
+    },
+    "cluster-rbac-listed-namespaces": {"watchNamespaces": ["team-a"]},
+    "peering-by-replicas": {"replicaCount": 2},
+    "peering-namespaced": {
+        "peering": {"enabled": True},
+        "watchNamespaces": ["team-a", "team-b"],
+        "rbac": {"clusterWide": False},
+    },
+    "metrics-servicemonitor": {
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}
+    },
+    "metrics-off": {"metrics": {"enabled": False}},
+    "no-crds-no-rbac": {"crds": {"install": False}, "rbac": {"create": False}},
+    "two-pools": TWO_POOLS,
+    "vllm-pool": {"runnerPools": [{"name": "vllm", "accelerator": "nvidia", "vllm": True}]},
+    "amd-pool": {"runnerPools": [{"name": "rocm", "accelerator": "amd", "gpus": 1}]},
+    "external-runners": {"allowedRunnerHosts": ["gpu-box.lan:12434", "10.0.0.7"]},
+}
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    return helm.render_chart(CHART, values=values, release=RELEASE, namespace=NAMESPACE)
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [
+        obj
+        for obj in objects
+        if obj["kind"] == kind and (name is None or obj["metadata"]["name"] == name)
+    ]
+
+
+def only(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = find(objects, kind, name)
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, got {len(matches)}"
+    return matches[0]
+
+
+def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    deployment = only(objects, "Deployment")
+    container: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def rules_of(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+@pytest.mark.parametrize("values", MODES.values(), ids=MODES.keys())
+def test_every_mode_renders_and_lints_clean(values: dict[str, Any]) -> None:
+    objects = render(values)
+    assert find(objects, "Deployment")
+    assert helm.lint_chart(CHART, values) == []
+
+
+def test_lint_reports_a_broken_template(tmp_path: Path) -> None:
+    broken = tmp_path / "dmr-operator"
+    (broken / "templates").mkdir(parents=True)
+    (broken / "Chart.yaml").write_text((CHART / "Chart.yaml").read_text())
+    (broken / "templates" / "bad.yaml").write_text("kind: {{ .Values.nope.deeper }}\n")
+    assert helm.lint_chart(broken, {})
+
+
+def is_generated_crd(obj: dict[str, Any]) -> bool:
+    return obj["kind"] == "CustomResourceDefinition" and obj["spec"]["group"] == constants.GROUP
+
+
+@pytest.mark.parametrize("values", MODES.values(), ids=MODES.keys())
+def test_every_object_has_the_standard_labels(values: dict[str, Any]) -> None:
+    for obj in render(values):
+        if is_generated_crd(obj):
+            continue  # test_generated_crds_carry_the_standard_labels
+        labels = obj["metadata"].get("labels") or {}
+        missing = [label for label in STANDARD_LABELS if label not in labels]
+        assert not missing, f"{obj['kind']} {obj['metadata']['name']} lacks {missing}"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="api/crdgen.py writes its own metadata; it should emit "
+    '{{- include "dmr-operator.crdMetadata" . | nindent 2 }} (labels + keep annotation)',
+)
+def test_generated_crds_carry_the_standard_labels() -> None:
+    crds = [obj for obj in render({}) if is_generated_crd(obj)]
+    assert crds
+    for crd in crds:
+        labels = crd["metadata"].get("labels") or {}
+        assert all(label in labels for label in STANDARD_LABELS), crd["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    ("keep", "annotations"), [(True, {"helm.sh/resource-policy": "keep"}), (False, None)]
+)
+def test_crds_are_templates_kept_on_uninstall(
+    keep: bool, annotations: dict[str, str] | None
+) -> None:
+    crds = [obj for obj in render({"crds": {"keep": keep}}) if is_generated_crd(obj)]
+    names = {crd["metadata"]["name"] for crd in crds}
+    assert names == {
+        f"{constants.DMRMODEL_PLURAL}.{constants.GROUP}",
+        f"{constants.AGENT_PLURAL}.{constants.GROUP}",
+    }
+    for crd in crds:
+        assert (crd["metadata"].get("annotations") or None) == annotations
+    assert not [obj for obj in render({"crds": {"install": False}}) if is_generated_crd(obj)]
+
+
+def test_operator_defaults_watch_the_cluster_standalone() -> None:
+    objects = render({})
+    deployment = only(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    container = operator_container(objects)
+    assert container["image"] == "dmr-operator:0.1.0"
+    assert container["command"] == ["dmr-operator", "run"]
+    assert container["args"] == [
+        "--all-namespaces",
+        "--liveness=http://0.0.0.0:8080/healthz",
+        "--metrics-port=9090",
+        "--log-format=json",
+        "--standalone",
+    ]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert not find(objects, "ClusterKopfPeering") and not find(objects, "KopfPeering")
+
+
+def test_operator_flags_for_namespaces_hosts_and_peering() -> None:
+    objects = render(
+        {
+            "replicaCount": 2,
+            "watchNamespaces": ["team-a", "team-b"],
+            "allowedRunnerHosts": ["gpu-box.lan:12434", "10.0.0.7"],
+            "metrics": {"enabled": False},
+            "image": {"repository": "registry.example/dmr-operator", "tag": "v9"},
+        }
+    )
+    container = operator_container(objects)
+    assert container["image"] == "registry.example/dmr-operator:v9"
+    assert container["args"] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+        "--liveness=http://0.0.0.0:8080/healthz",
+        "--log-format=json",
+        "--allowed-runner-hosts=gpu-box.lan:12434,10.0.0.7",
+        f"--peering={RELEASE}-dmr-operator",
+    ]
+    peerings = find(objects, "KopfPeering")
+    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+    assert {p["metadata"]["name"] for p in peerings} == {f"{RELEASE}-dmr-operator"}
+    assert not find(objects, "ClusterKopfPeering")
+
+
+def test_cluster_wide_peering_uses_a_cluster_peering_object() -> None:
+    objects = render({"peering": {"enabled": True, "name": "dmr-peers"}})
+    assert "--peering=dmr-peers" in operator_container(objects)["args"]
+    assert only(objects, "ClusterKopfPeering")["metadata"]["name"] == "dmr-peers"
+    assert ("kopf.dev", "clusterkopfpeerings", "patch") in rules_of(only(objects, "ClusterRole"))
+
+
+def test_kopf_peering_crds_ship_in_the_crds_folder() -> None:
+    objects = helm.render_chart(CHART, values={"replicaCount": 2}, include_crds=True)
+    crd_names = [obj["metadata"]["name"] for obj in find(objects, "CustomResourceDefinition")]
+    assert {"kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"} <= set(crd_names)
+    # crds/ come first, as helm install creates them before the peering objects.
+    assert objects[0]["kind"] == "CustomResourceDefinition"
+
+
+def test_cluster_wide_rbac_is_one_cluster_role() -> None:
+    objects = render({})
+    assert not find(objects, "Role") and not find(objects, "RoleBinding")
+    role = only(objects, "ClusterRole")
+    rules = rules_of(role)
+    expected = {
+        ("dmr.dev", "dmrmodels", "watch"),
+        ("dmr.dev", "agents", "patch"),
+        ("dmr.dev", "dmrmodels/status", "patch"),
+        ("", "pods", "watch"),
+        ("", "pods/status", "patch"),
+        ("", "services", "create"),
+        ("", "configmaps", "delete"),
+        ("apps", "deployments", "create"),
+        ("", "events", "create"),
+        ("events.k8s.io", "events", "create"),
+        ("", "namespaces", "watch"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    }
+    assert expected <= rules
+    binding = only(objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": f"{RELEASE}-dmr-operator", "namespace": NAMESPACE}
+    ]
+    assert only(objects, "ServiceAccount")["metadata"]["name"] == f"{RELEASE}-dmr-operator"
+
+
+def test_namespaced_rbac_is_a_role_per_watched_namespace() -> None:
+    namespaces = ["team-a", "team-b"]
+    objects = render({"watchNamespaces": namespaces, "rbac": {"clusterWide": False}})
+    roles = find(objects, "Role")
+    bindings = find(objects, "RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == namespaces
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == namespaces
+    for binding in bindings:
+        assert binding["subjects"][0]["namespace"] == NAMESPACE
+    assert ("", "pods", "watch") in rules_of(roles[0])
+    # Only what a Role cannot grant stays cluster-wide; namespaces are not listed at all.
+    assert rules_of(only(objects, "ClusterRole")) == {
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    }
+
+
+@pytest.mark.parametrize("values", MODES.values(), ids=MODES.keys())
+def test_rbac_is_least_privilege(values: dict[str, Any]) -> None:
+    for role in find(render(values), "ClusterRole") + find(render(values), "Role"):
+        for group, resource, verb in rules_of(role):
+            assert "*" not in (group, resource, verb)
+            assert resource not in ("secrets", "nodes", "pods/exec", "serviceaccounts/token")
+            assert verb not in ("escalate", "bind", "impersonate", "deletecollection")
+
+
+def test_peering_rights_only_with_peering() -> None:
+    plain = rules_of(only(render({}), "ClusterRole"))
+    assert not any(group == "kopf.dev" for group, _, _ in plain)
+    namespaced = render({"peering": {"enabled": True}, "watchNamespaces": ["team-a"]})
+    assert ("kopf.dev", "kopfpeerings", "patch") in rules_of(only(namespaced, "ClusterRole"))
+
+
+def test_metrics_service_and_service_monitor() -> None:
+    objects = render({"metrics": {"serviceMonitor": {"enabled": True, "interval": "15s"}}})
+    service = only(objects, "Service", f"{RELEASE}-dmr-operator-metrics")
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    pod_labels = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    monitor = only(objects, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    ]
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert not find(render({"metrics": {"enabled": False}}), "Service")
+
+
+def pool_objects(objects: list[dict[str, Any]], pool: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    name = f"{RELEASE}-pool-{pool}"
+    return only(objects, "StatefulSet", name), only(objects, "Service", name)
+
+
+def runner_container(statefulset: dict[str, Any]) -> dict[str, Any]:
+    containers = statefulset["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == [constants.RUNNER_CONTAINER]
+    container: dict[str, Any] = containers[0]
+    return container
+
+
+@pytest.mark.parametrize(
+    ("pool", "image", "gpu_limit"),
+    [
+        (
+            {"name": "p", "accelerator": "nvidia"},
+            "docker/model-runner:latest-cuda",
+            {"nvidia.com/gpu": 1},
+        ),
+        (
+            {"name": "p", "accelerator": "nvidia", "vllm": True, "gpus": 4},
+            "docker/model-runner:latest-vllm-cuda",
+            {"nvidia.com/gpu": 4},
+        ),
+        (
+            {"name": "p", "accelerator": "amd"},
+            "docker/model-runner:latest-rocm",
+            {"amd.com/gpu": 1},
+        ),
+        ({"name": "p", "accelerator": "cpu"}, "docker/model-runner:latest", {}),
+        ({"name": "p"}, "docker/model-runner:latest", {}),
+        ({"name": "p", "accelerator": "nvidia", "gpus": 0}, "docker/model-runner:latest-cuda", {}),
+        (
+            {"name": "p", "accelerator": "nvidia", "image": "mirror.local/dmr:v1.2.3-cuda"},
+            "mirror.local/dmr:v1.2.3-cuda",
+            {"nvidia.com/gpu": 1},
+        ),
+    ],
+)
+def test_pool_image_and_gpus_follow_the_accelerator(
+    pool: dict[str, Any], image: str, gpu_limit: dict[str, int]
+) -> None:
+    statefulset, _ = pool_objects(render({"runnerPools": [pool]}), "p")
+    container = runner_container(statefulset)
+    assert container["image"] == image
+    limits = (container.get("resources") or {}).get("limits") or {}
+    assert {k: v for k, v in limits.items() if k.endswith("/gpu")} == gpu_limit
+    shm_mounted = any(m["mountPath"] == "/dev/shm" for m in container["volumeMounts"])
+    assert shm_mounted == bool(pool.get("vllm"))
+
+
+def test_pool_statefulset_and_service_match_what_the_operator_expects() -> None:
+    objects = render(TWO_POOLS)
+    statefulset, service = pool_objects(objects, "gpu")
+    # The operator publishes a DMRModel's endpoint from the Service selecting exactly the pool.
+    assert service["spec"]["selector"] == {constants.POOL_LABEL: "gpu"}
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 80, "targetPort": constants.RUNNER_PORT_NAME, "protocol": "TCP"},
+        {
+            "name": constants.RUNNER_PORT_NAME,
+            "port": constants.RUNNER_PORT,
+            "targetPort": constants.RUNNER_PORT_NAME,
+            "protocol": "TCP",
+        },
+    ]
+    template = statefulset["spec"]["template"]
+    assert template["metadata"]["labels"][constants.POOL_LABEL] == "gpu"
+    assert (
+        statefulset["spec"]["selector"]["matchLabels"].items()
+        <= template["metadata"]["labels"].items()
+    )
+    container = runner_container(statefulset)
+    assert container["ports"] == [
+        {
+            "name": constants.RUNNER_PORT_NAME,
+            "containerPort": constants.RUNNER_PORT,
+            "protocol": "TCP",
+        }
+    ]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env == {
+        "MODEL_RUNNER_PORT": str(constants.RUNNER_PORT),
+        "DO_NOT_TRACK": "1",
+        "MODEL_RUNNER_ENVIRONMENT": "cloud",
+    }
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {
+            "path": "/engines/status",
+            "port": constants.RUNNER_PORT_NAME,
+        }
+    assert container["resources"]["limits"] == {"memory": "32Gi", "nvidia.com/gpu": 2}
+    pod = template["spec"]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "models"
+    assert claim["spec"]["storageClassName"] == "fast"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "200Gi"
+    assert {"name": "models", "mountPath": "/models"} in container["volumeMounts"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+
+    cpu_statefulset, _ = pool_objects(objects, "cpu")
+    assert cpu_statefulset["spec"]["replicas"] == 2
+    cpu_env = {item["name"] for item in runner_container(cpu_statefulset)["env"]}
+    assert "MODEL_RUNNER_ENVIRONMENT" not in cpu_env  # cloudEnvironment: false is honoured
+    assert "storageClassName" not in cpu_statefulset["spec"]["volumeClaimTemplates"][0]["spec"]
+
+
+def test_pool_pods_and_claims_do_not_change_with_the_chart_version() -> None:
+    statefulset, _ = pool_objects(render(TWO_POOLS), "cpu")
+    # volumeClaimTemplates are immutable and a new pod template restarts every runner.
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    claim_labels = statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["labels"]
+    for labels in (pod_labels, claim_labels):
+        assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels
+
+
+def test_pool_env_and_defaults_merge() -> None:
+    objects = render(
+        {
+            "runnerPoolDefaults": {"imageRepository": "mirror.local/model-runner"},
+            "runnerPools": [
+                {
+                    "name": "p",
+                    "accelerator": "nvidia",
+                    "env": [{"name": "LOG_LEVEL", "value": "debug"}],
+                    "storage": {"size": "1Ti"},
+                }
+            ],
+        }
+    )
+    statefulset, _ = pool_objects(objects, "p")
+    container = runner_container(statefulset)
+    assert container["image"] == "mirror.local/model-runner:latest-cuda"
+    assert {"name": "LOG_LEVEL", "value": "debug"} in container["env"]
+    assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"] == {
+        "storage": "1Ti"
+    }
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"replicaCount": "2"},
+        {"unknownKey": True},
+        {"watchNamespaces": ["Not_A_Namespace"]},
+        {"allowedRunnerHosts": ["http://gpu-box:12434/"]},
+        {"runnerPools": [{"accelerator": "nvidia"}]},
+        {"runnerPools": [{"name": "p", "accelerator": "tpu"}]},
+        {"runnerPools": [{"name": "p", "gpus": -1}]},
+        {"runnerPools": [{"name": "p", "storage": {"size": "lots"}}]},
+        {"runnerPools": [{"name": "p", "nodeSelectr": {}}]},
+        {"metrics": {"serviceMonitor": {"interval": "often"}}},
+    ],
+    ids=repr,
+)
+def test_schema_refuses_bad_values(values: dict[str, Any]) -> None:
+    with pytest.raises(helm_python.HelmValuesError):
+        render(values)
+    assert helm.lint_chart(CHART, values)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"rbac": {"clusterWide": False}}, "watchNamespaces"),
+        ({"runnerPools": [{"name": "p"}, {"name": "p"}]}, "used twice"),
+        ({"runnerPools": [{"name": "p", "accelerator": "amd", "vllm": True}]}, "vllm"),
+        ({"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}}, "metrics.enabled"),
+    ],
+)
+def test_templates_refuse_inconsistent_values(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=message):
+        render(values)
+
+
+def test_notes_warn_when_pools_are_outside_the_watched_namespaces() -> None:
+    values = {"watchNamespaces": ["team-a"], "runnerPools": [{"name": "default"}]}
+    notes = helm.render_notes(CHART, values=values, release=RELEASE, namespace=NAMESPACE)
+    assert f"{RELEASE}-pool-default" in notes
+    assert "WARNING" in notes
+    values["watchNamespaces"].append(NAMESPACE)
+    assert "WARNING" not in helm.render_notes(CHART, values=values, namespace=NAMESPACE)
