@@ -1,4 +1,4 @@
-"""DMRModel, pure: from the object to the exact ``_configure`` body, and from runner results to status.
+"""DMRModel, pure: from the object to the exact ``_configure`` body, and from results to status.
 
 ``target_from_object`` parses and validates a DMRModel with model-runner's own rules (no HTTP call
 is ever made for an invalid spec); ``configure_request`` renders the wire JSON for a backend;
@@ -143,42 +143,48 @@ def validate_spec(spec: DMRModelSpec, *, allowed_runner_hosts: Iterable[str] = (
     """Every rule the CRD schema cannot express, with model-runner's own messages."""
     problems: list[str] = []
 
-    def check(rule: Any, *args: Any) -> Any:
+    def check(field_path: str, rule: Any, *args: Any) -> Any:
         try:
             return rule(*args)
         except validation.RunnerValidationError as error:
-            problems.append(str(error))
+            problems.append(f"spec.{field_path}: {error}")
             return None
 
     if spec.runtime_flags and spec.raw_runtime_flags:
-        problems.append("runtimeFlags and rawRuntimeFlags are exclusive; pick one")
-    flags = list(spec.runtime_flags or [])
+        problems.append("spec: runtimeFlags and rawRuntimeFlags are exclusive; pick one")
+    flags, flags_field = list(spec.runtime_flags or []), "runtimeFlags"
     if not flags and spec.raw_runtime_flags:
-        flags = check(validation.split_raw_runtime_flags, spec.raw_runtime_flags) or []
+        flags_field = "rawRuntimeFlags"
+        flags = check(flags_field, validation.split_raw_runtime_flags, spec.raw_runtime_flags) or []
     if spec.backend is not None and flags:
-        check(validation.validate_runtime_flags, spec.backend, flags)
+        check(flags_field, validation.validate_runtime_flags, spec.backend, flags)
     if spec.keep_alive is not None:
-        check(validation.parse_keep_alive, spec.keep_alive)
+        check("keepAlive", validation.parse_keep_alive, spec.keep_alive)
     if spec.thinking_budget is not None:
-        check(validation.reasoning_budget, spec.thinking_budget)
+        check("thinkingBudget", validation.reasoning_budget, spec.thinking_budget)
     if spec.context_size == 0:
         problems.append(
-            "contextSize 0 is ignored by model-runner; use a positive size, or -1 for unlimited"
+            "spec.contextSize: 0 is ignored by model-runner; use a positive size, or -1 for "
+            "unlimited"
         )
     if spec.vllm is not None:
         if spec.backend not in (None, "vllm"):
-            problems.append(f"vllm options need backend vllm, not {spec.backend}")
+            problems.append(f"spec.vllm: vllm options need backend vllm, not {spec.backend}")
         if spec.vllm.hf_overrides is not None:
-            check(validation.validate_hf_overrides, spec.vllm.hf_overrides)
+            check("vllm.hfOverrides", validation.validate_hf_overrides, spec.vllm.hf_overrides)
         if spec.vllm.gpu_memory_utilization is not None:
-            check(validation.validate_gpu_memory_utilization, spec.vllm.gpu_memory_utilization)
+            check(
+                "vllm.gpuMemoryUtilization",
+                validation.validate_gpu_memory_utilization,
+                spec.vllm.gpu_memory_utilization,
+            )
     if spec.runners is not None:
         if spec.runners.url and spec.runners.pool_selector:
-            problems.append("runners.url and runners.poolSelector are exclusive; pick one")
+            problems.append("spec.runners: url and poolSelector are exclusive; pick one")
         if spec.runners.url:
             problem = runners.external_url_problem(spec.runners.url, allowed_runner_hosts)
             if problem:
-                problems.append(problem)
+                problems.append(f"spec.{problem}")
     return problems
 
 

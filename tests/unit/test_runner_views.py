@@ -1,0 +1,116 @@
+"""Runner pods as the controller sees them, pool endpoints, and the external-URL security boundary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dmr_operator.reconcile import runners, selectors
+
+
+def pod(**status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "pool-0",
+            "namespace": "ns",
+            "uid": "u1",
+            "labels": {"dmr.dev/pool": "default"},
+        },
+        "spec": {
+            "nodeName": "gpu-1",
+            "containers": [
+                {"name": "sidecar", "ports": [{"containerPort": 8080}]},
+                {"name": "model-runner", "ports": [{"name": "dmr", "containerPort": 13434}]},
+            ],
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": "127.0.1.7",
+            "containerStatuses": [{"name": "model-runner", "ready": True, "restartCount": 2}],
+            **status,
+        },
+    }
+
+
+def test_runner_from_pod_uses_the_dmr_port_and_container_restarts() -> None:
+    runner = runners.runner_from_pod(pod())
+    assert runner.base_url == "http://127.0.1.7:13434"
+    assert runner.ready
+    assert runner.incarnation == ("u1", "127.0.1.7", "2")
+    assert runner.node == "gpu-1"
+
+
+def test_runner_not_ready_without_ip_or_when_terminating() -> None:
+    assert not runners.runner_from_pod(pod(podIP=None)).ready
+    terminating = pod()
+    terminating["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert not runners.runner_from_pod(terminating).ready
+    unready = pod(containerStatuses=[{"name": "model-runner", "ready": False, "restartCount": 0}])
+    assert not runners.runner_from_pod(unready).ready
+
+
+def test_pool_endpoint_is_the_v1_alias_of_the_matching_service() -> None:
+    services = [
+        {
+            "metadata": {"name": "other", "namespace": "ns"},
+            "spec": {"selector": {"app": "x"}, "ports": [{"port": 1}]},
+        },
+        {
+            "metadata": {"name": "dmr-pool-default", "namespace": "ns"},
+            "spec": {
+                "selector": {"dmr.dev/pool": "default"},
+                "ports": [{"name": "http", "port": 80, "targetPort": 12434}],
+            },
+        },
+    ]
+    selector = {"matchLabels": {"dmr.dev/pool": "default"}}
+    assert (
+        runners.pool_service_endpoint(services, selector) == "http://dmr-pool-default.ns.svc:80/v1"
+    )
+    assert runners.pool_service_endpoint(services, {"matchLabels": {"dmr.dev/pool": "b"}}) is None
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed", "problem"),
+    [
+        ("http://gpu-box:12434", ["gpu-box"], None),
+        ("http://gpu-box:12434", ["gpu-box:12434"], None),
+        ("http://gpu-box:9999", ["gpu-box:12434"], "not on the operator's allowed"),
+        ("http://169.254.169.254/latest", ["169.254.169.254"], "metadata"),
+        ("http://metadata.google.internal/", ["metadata.google.internal"], "metadata"),
+        ("http://[fe80::1]:12434", ["fe80::1"], "link-local"),
+        ("http://169.254.1.1:12434", ["169.254.1.1"], "link-local"),
+        ("http://0.0.0.0:12434", ["0.0.0.0"], "unspecified"),
+        ("http://user:pw@gpu-box:12434", ["gpu-box"], "credentials"),
+        ("ftp://gpu-box", ["gpu-box"], "only http"),
+        ("http://GPU-BOX.:12434", ["gpu-box"], None),
+    ],
+)
+def test_external_runner_urls(url: str, allowed: list[str], problem: str | None) -> None:
+    found = runners.external_url_problem(url, allowed)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "expected"),
+    [
+        ({"matchLabels": {"a": "1"}}, {"a": "1", "b": "2"}, True),
+        ({"matchLabels": {"a": "1"}}, {"a": "2"}, False),
+        (
+            {"matchExpressions": [{"key": "a", "operator": "In", "values": ["1", "2"]}]},
+            {"a": "2"},
+            True,
+        ),
+        ({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["1"]}]}, {}, True),
+        ({"matchExpressions": [{"key": "a", "operator": "Exists"}]}, {}, False),
+        ({"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}, {}, True),
+    ],
+)
+def test_selector_matching(
+    selector: dict[str, Any], labels: dict[str, str], expected: bool
+) -> None:
+    assert selectors.matches(selector, labels) is expected
