@@ -1,4 +1,4 @@
-"""DMRModel pure logic: parsing and validation, the exact _configure wire body, status, conflicts."""
+"""DMRModel pure logic: parsing, validation, the exact _configure wire body, status, conflicts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Runner pods as the controller sees them, pool endpoints, and the external-URL security boundary."""
+"""Runner pods as the controller sees them, pool endpoints, the external-URL security boundary."""
 
 from __future__ import annotations
 
