@@ -118,17 +118,33 @@ class ConfigureRequest(BackendConfiguration):
             validation.validate_int32("reasoning-budget", self.llamacpp.reasoning_budget)
 
     def stored_config(self) -> BackendConfiguration:
-        """What the runner keeps and later echoes: split flags, keep_alive in Go form."""
+        """What the runner keeps and echoes: flags split, keep_alive in Go form, and the zero
+        values Go's ``omitempty`` drops (empty flags, empty hf-overrides, zero speculative
+        fields) removed."""
         flags = self.effective_runtime_flags()
         keep_alive = None
         if self.keep_alive is not None:
             keep_alive = validation.keep_alive_echo(self.keep_alive)
+        speculative = None
+        if self.speculative is not None:
+            draft, tokens, rate = self.speculative.normalized()
+            speculative = SpeculativeConfig(
+                draft_model=draft or None,
+                num_tokens=tokens or None,
+                min_acceptance_rate=rate or None,
+            )
+        vllm = None
+        if self.vllm is not None:
+            vllm = VLLMConfig(
+                gpu_memory_utilization=self.vllm.gpu_memory_utilization,
+                hf_overrides=self.vllm.hf_overrides or None,
+            )
         return BackendConfiguration(
             context_size=self.context_size,
             runtime_flags=flags or None,
-            speculative=self.speculative,
+            speculative=speculative,
             keep_alive=keep_alive,
-            vllm=self.vllm,
+            vllm=vllm,
             llamacpp=self.llamacpp,
         )
 
