@@ -41,7 +41,7 @@ def docker_agent_configure_url(base_url: str) -> str:
 
 
 def docker_agent_configure_body(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """The body docker-agent builds from a rendered dmr model (§2), engine "" (explicit base_url)."""
+    """The body docker-agent builds from a rendered dmr model (§2); engine "" (base_url set)."""
     options = entry.get("provider_opts") or {}
     body: dict[str, Any] = {"model": entry["model"]}
     if isinstance(options.get("context_size"), int) and options["context_size"] >= 0:
