@@ -489,3 +489,17 @@ def test_notes_warn_when_pools_are_outside_the_watched_namespaces() -> None:
     assert "WARNING" in notes
     values["watchNamespaces"].append(NAMESPACE)
     assert "WARNING" not in helm.render_notes(CHART, values=values, namespace=NAMESPACE)
+
+
+def test_install_order_puts_prerequisites_first() -> None:
+    values = {"replicaCount": 2, "runnerPools": [{"name": "p"}]}
+    objects = helm.sort_for_install(helm.render_chart(CHART, values=values, include_crds=True))
+    kinds = [obj["kind"] for obj in objects]
+    assert (
+        kinds.index("ServiceAccount")
+        < kinds.index("ClusterRoleBinding")
+        < kinds.index("Deployment")
+    )
+    last_crd = max(i for i, kind in enumerate(kinds) if kind == "CustomResourceDefinition")
+    assert last_crd < kinds.index("ClusterKopfPeering") == len(kinds) - 1
+    assert kinds.index("Service") < kinds.index("StatefulSet")

@@ -17,6 +17,42 @@ from typing import Any
 import helm_python
 import yaml
 
+# The order `helm install` creates kinds in (Helm's kind sorter), so that a server-side apply of
+# render_chart's output meets no missing ServiceAccount, Role or CRD. Other kinds (custom
+# resources such as ClusterKopfPeering) come last, after their CRDs.
+INSTALL_ORDER = (
+    "PriorityClass",
+    "Namespace",
+    "NetworkPolicy",
+    "ResourceQuota",
+    "LimitRange",
+    "PodDisruptionBudget",
+    "ServiceAccount",
+    "Secret",
+    "ConfigMap",
+    "StorageClass",
+    "PersistentVolume",
+    "PersistentVolumeClaim",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+    "Service",
+    "DaemonSet",
+    "Pod",
+    "ReplicaSet",
+    "Deployment",
+    "HorizontalPodAutoscaler",
+    "StatefulSet",
+    "Job",
+    "CronJob",
+    "IngressClass",
+    "Ingress",
+    "APIService",
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
+)
 # Helm's lint severities: 1 info (e.g. "icon is recommended"), 2 warning, 3 error. Warnings count:
 # `helm lint --strict` is what chart CI runs.
 _LINT_WARNING = 2
@@ -31,6 +67,8 @@ def render_chart(
     include_crds: bool = False,
 ) -> list[dict[str, Any]]:
     """Render the chart like ``helm template`` and return its objects, in file order.
+
+    ``sort_for_install`` puts them in the order to apply them to a cluster.
 
     ``values`` are validated against the chart's ``values.schema.json`` first, as ``helm install``
     does; a violation raises ``helm_python.HelmValuesError``. A template's ``fail`` raises
@@ -73,6 +111,12 @@ def lint_chart(chart_dir: str | os.PathLike[str], values: Mapping[str, Any]) -> 
     ]
     problems.extend(str(error) for error in report.get("errors") or [])
     return problems
+
+
+def sort_for_install(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``objects`` in the order ``helm install`` creates them (stable within a kind)."""
+    rank = {kind: position for position, kind in enumerate(INSTALL_ORDER)}
+    return sorted(objects, key=lambda obj: rank.get(obj.get("kind", ""), len(INSTALL_ORDER)))
 
 
 def _parse_documents(text: str) -> list[dict[str, Any]]:
