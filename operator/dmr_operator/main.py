@@ -106,6 +106,11 @@ def run_command(args: argparse.Namespace) -> int:
             "json": kopf.LogFormat.JSON,
         }[args.log_format],
     )
+    if not args.verbose:
+        # One line per runner request and per watch event drowns what a person needs to see;
+        # --verbose brings them back.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     from dmr_operator import handlers  # noqa: F401 - registers the kopf handlers
 
     if args.metrics_port:

@@ -133,11 +133,6 @@ def test_every_object_has_the_standard_labels(values: dict[str, Any]) -> None:
         assert labels["app.kubernetes.io/instance"] == RELEASE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="api/crdgen.py writes its own metadata; it should emit "
-    '{{- include "dmr-operator.crdMetadata" . | nindent 2 }} (labels + keep annotation)',
-)
 def test_generated_crds_carry_the_standard_labels() -> None:
     crds = [obj for obj in render({}) if is_generated_crd(obj)]
     assert crds

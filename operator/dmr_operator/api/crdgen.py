@@ -26,12 +26,8 @@ _DROPPED_KEYS = frozenset({"title", "$defs", "discriminator", "examples"})
 
 _CHART_CRD_HEADER = "{{- if .Values.crds.install }}\n"
 _CHART_CRD_FOOTER = "{{- end }}\n"
-_CHART_KEEP_ANNOTATION = (
-    "  annotations:\n"
-    "    {{- if .Values.crds.keep }}\n"
-    "    helm.sh/resource-policy: keep\n"
-    "    {{- end }}\n"
-)
+# The chart's helper adds its standard labels and, with crds.keep, helm.sh/resource-policy.
+_CHART_CRD_METADATA = '  {{- include "dmr-operator.crdMetadata" . | nindent 2 }}\n'
 
 
 def served_kinds() -> list[type[BaseModel]]:
@@ -158,10 +154,10 @@ def render_yaml(crd: Mapping[str, Any]) -> str:
 
 
 def render_chart_template(crd: Mapping[str, Any]) -> str:
-    """The chart's copy: the same CRD inside the ``crds.install`` switch, keep-annotated."""
+    """The chart's copy: the same CRD inside the ``crds.install`` switch, chart-labelled."""
     body = render_yaml(crd)
     name_line = f"  name: {crd['metadata']['name']}\n"
-    body = body.replace(name_line, name_line + _CHART_KEEP_ANNOTATION, 1)
+    body = body.replace(name_line, name_line + _CHART_CRD_METADATA, 1)
     return _CHART_CRD_HEADER + body + _CHART_CRD_FOOTER
 
 

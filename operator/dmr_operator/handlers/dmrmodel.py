@@ -10,7 +10,7 @@ from dmr_operator import constants
 
 
 @kopf.on.event(constants.GROUP, constants.VERSION, constants.DMRMODEL_PLURAL)
-def dmrmodel_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def dmrmodel_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """Every add/modify/delete of a DMRModel updates the controller's picture (no API calls)."""
     body = event["object"]
     if event["type"] == "DELETED":

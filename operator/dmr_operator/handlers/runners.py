@@ -10,12 +10,12 @@ from dmr_operator import constants
 
 
 @kopf.on.event("", "v1", "pods", labels={constants.POOL_LABEL: kopf.PRESENT})
-def runner_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def runner_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """A runner pod appeared, changed (IP, readiness, restarts) or went away."""
     memo.dmrmodels.pod_changed(event["object"], deleted=event["type"] == "DELETED")
 
 
 @kopf.on.event("", "v1", "services")
-def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """Services decide the endpoint a DMRModel publishes for its pool."""
     memo.dmrmodels.service_changed(event["object"], deleted=event["type"] == "DELETED")
