@@ -1,0 +1,93 @@
+"""Client behaviour that must hold against model-runner itself and against the emulator."""
+
+from __future__ import annotations
+
+import pytest
+
+from dmr_operator.clients import modelrunner
+from dmr_operator.dmr import references, wire
+
+from .conftest import Target
+
+
+async def test_liveness_and_status(target: Target) -> None:
+    assert (await target.http.get(target.url + "/")).text.startswith("Docker Model Runner")
+    assert isinstance(await target.client.version(), str)
+    status = await target.client.status()
+    assert status["llama.cpp"].startswith("Running")
+    assert isinstance((await target.client.df()).models_disk_usage, int)
+
+
+async def test_pull_then_find(target: Target) -> None:
+    progress: list[wire.PullProgress] = []
+    result = await target.client.pull(target.model, on_progress=progress.append)
+    assert progress[-1].type == wire.PULL_SUCCESS
+    again = await target.client.pull(target.model)
+    assert again.cached and again.message.startswith("Using cached model: ")
+    model = await target.client.get_model(target.model)
+    assert model is not None and model.has_reference(target.model)
+    assert references.qualified_tag(target.model) in model.tags
+    assert model.id.startswith("sha256:") and len(model.id) == 71
+    assert any(m.id == model.id for m in await target.client.list_models())
+    assert result.message
+
+
+async def test_unknown_things(target: Target) -> None:
+    assert await target.client.get_model("ai/no-such-model-xyz") is None
+    with pytest.raises(modelrunner.NotFound):
+        await target.client.delete_model("ai/no-such-model-xyz")
+    response = await target.http.post(
+        target.url + "/engines/no-such-backend/_configure", json={"model": target.model}
+    )
+    assert (response.status_code, response.text) == (404, "backend not found\n")
+
+
+async def test_configure_round_trip(target: Target) -> None:
+    await target.client.pull(target.model)
+    request = wire.ConfigureRequest(
+        model=target.model,
+        context_size=2048,
+        raw_runtime_flags="--temp 0.5 --top-k 20",
+        keep_alive="90s",
+        llamacpp=wire.LlamaCppConfig(reasoning_budget=0),
+    )
+    await target.client.configure("llama.cpp", request)
+    entries = await target.client.read_configs(target.model)
+    ours = [e for e in entries if e.mode == request.effective_mode()]
+    assert len(ours) == 1
+    assert ours[0].config.keep_alive == "1m30s"
+    assert ours[0].config.runtime_flags == ["--temp", "0.5", "--top-k", "20"]
+    assert wire.config_differences(request, ours[0], backend="llama.cpp") == []
+    await target.client.configure("llama.cpp", request)  # identical: a no-op, still 202
+    unloaded = await target.client.unload(backend="llama.cpp", models=[target.model])
+    assert unloaded >= 0
+    assert [
+        e for e in await target.client.read_configs(target.model) if e.mode == "completion"
+    ] == []
+
+
+async def test_server_side_validation_codes(target: Target) -> None:
+    url = target.url + "/engines/_configure"
+    flags = await target.http.post(
+        url, json={"model": target.model, "runtime-flags": ["--model", "x"]}
+    )
+    assert (flags.status_code, flags.text) == (
+        500,
+        'runtime flag "--model" is not allowed for backend "llama.cpp"\n',
+    )
+    mode = await target.http.post(url, json={"model": target.model, "mode": "chat"})
+    assert (mode.status_code, mode.text) == (400, "invalid request\n")
+    keep_alive = await target.http.post(url, json={"model": target.model, "keep_alive": 60})
+    assert (keep_alive.status_code, keep_alive.text) == (400, "invalid request\n")
+
+
+async def test_client_refuses_invalid_config_before_sending(target: Target) -> None:
+    request = wire.ConfigureRequest(model=target.model, runtime_flags=["--log-file", "x"])
+    with pytest.raises(modelrunner.ConfigRejected) as caught:
+        await target.client.configure("llama.cpp", request)
+    assert caught.value.status_code is None
+    assert (
+        caught.value.message == 'runtime flag "--log-file" is not allowed for backend "llama.cpp"'
+    )
+    if target.emulator is not None:
+        assert target.emulator.calls("POST", "/engines/llama.cpp/_configure") == []
