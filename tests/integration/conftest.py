@@ -1,0 +1,85 @@
+"""Fixtures for integration tests on a real local control plane (etcd + kube-apiserver +
+controller-manager + scheduler, see dmr_operator.testing.controlplane) with simulated nodes.
+
+``control_plane`` is one per test session; ``namespace`` and ``node_simulator`` are per test.
+When the binaries cannot be had, tests skip with the reason, or fail with it when ``CI=true``.
+Override ``pod_process_factory`` in a test module to choose what runs behind simulated pods.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import kubernetes
+import pytest
+
+from dmr_operator.testing import controlplane, nodesim
+from dmr_operator.testing.waiting import wait_for
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def control_plane(pytestconfig: pytest.Config) -> Iterator[controlplane.ControlPlane]:
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def progress(message: str) -> None:
+        # A first run builds Kubernetes for minutes: show it live, not in captured output.
+        with capture.global_and_fixture_disabled():
+            controlplane.print_progress(message)
+
+    try:
+        binaries = controlplane.ensure_binaries(progress=progress)
+    except controlplane.ControlPlaneUnavailable as error:
+        if _in_ci():
+            pytest.fail(f"control plane unavailable: {error}", pytrace=False)
+        pytest.skip(f"control plane unavailable: {error}")
+    with controlplane.ControlPlane(controllers=True, binaries=binaries, progress=progress) as cp:
+        yield cp
+
+
+@pytest.fixture(scope="session")
+def api_client(control_plane: controlplane.ControlPlane) -> Iterator[Any]:
+    client = control_plane.api_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def namespace(api_client: Any) -> Iterator[str]:
+    """A fresh namespace, ready for pods (its default ServiceAccount exists)."""
+    core = kubernetes.client.CoreV1Api(api_client)
+    name = f"t-{secrets.token_hex(4)}"
+    core.create_namespace({"metadata": {"name": name}})
+    wait_for(
+        lambda: core.read_namespaced_service_account("default", name),
+        timeout=30,
+        message=f"ServiceAccount default in namespace {name}",
+        ignore=(kubernetes.client.ApiException,),
+    )
+    yield name
+    # Terminating first (no new pods can appear), then drop pods at once: a Pending pod left
+    # behind could otherwise be bound to the next test's simulated node.
+    core.delete_namespace(name)
+    core.delete_collection_namespaced_pod(name, grace_period_seconds=0)
+
+
+@pytest.fixture
+def pod_process_factory() -> nodesim.PodProcessFactory | None:
+    """What runs behind simulated pods: nothing by default (pods still become Running/Ready)."""
+    return None
+
+
+@pytest.fixture
+def node_simulator(
+    api_client: Any, pod_process_factory: nodesim.PodProcessFactory | None
+) -> Iterator[nodesim.NodeSimulator]:
+    simulator = nodesim.NodeSimulator(api_client, process_factory=pod_process_factory)
+    simulator.wait_synced()
+    yield simulator
+    simulator.close()
