@@ -244,10 +244,14 @@ class ModelRunnerEmulator:
         await self.stop()
 
     async def stop_listening(self) -> None:
-        """Simulate an unreachable runner without losing state: the port is closed."""
+        """Simulate an unreachable runner without losing state: the port is closed and open
+        connections are dropped (clients keep pooled connections alive otherwise)."""
         if self._site is not None:
             await self._site.stop()
             self._site = None
+        if self._runner is not None and self._runner.server is not None:
+            for connection in list(self._runner.server.connections):
+                connection.force_close()
 
     async def start_listening(self) -> None:
         if self._runner is None or self._site is not None:
