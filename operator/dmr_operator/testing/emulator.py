@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import re
+import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -272,7 +273,7 @@ class ModelRunnerEmulator:
     # --- knobs --------------------------------------------------------------------------------
 
     def fail_pull(self, reference: str, failure: PullFailure | None = None) -> None:
-        """Make pulls of ``reference`` fail after the 200 (None clears nothing: use a default)."""
+        """Make pulls of ``reference`` fail after the 200 (None: a default ``PullFailure``)."""
         with self._lock:
             self.pull_failures[references.qualified_tag(reference)] = failure or PullFailure()
 
@@ -913,8 +914,12 @@ async def _serve(args: argparse.Namespace) -> None:
     await emulator.start(args.host, args.port)
     log.info("model-runner emulator listening on %s", emulator.url)
     print(f"model-runner emulator listening on {emulator.url}", flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stopping.set)
     try:
-        await asyncio.Event().wait()
+        await stopping.wait()
     finally:
         await emulator.stop()
 
