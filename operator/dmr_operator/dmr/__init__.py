@@ -1,1 +1,1 @@
-"""model-runner's own rules, pure and I/O-free: references, validation, wire shapes, Go semantics."""
+"""model-runner's own rules, pure (no I/O): references, validation, wire shapes, Go semantics."""
