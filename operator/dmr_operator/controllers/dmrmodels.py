@@ -575,7 +575,7 @@ class RunnerWorker:
     ) -> wire.StoreModel | None:
         spec = target.spec
         assert spec is not None and self.state.store is not None
-        stored = self.state.store.get(reference)
+        stored = self.state.store.get(references.qualified_tag(reference))
         if stored is not None and spec.pull_policy != "Always":
             return stored
         if stored is None and spec.pull_policy == "Never":
@@ -608,7 +608,7 @@ class RunnerWorker:
         stored = await client.get_model(reference)
         if stored is None:
             raise modelrunner.PullFailed(f"{reference} is not in the store after a pull")
-        self.state.store[reference] = stored
+        self.state.store[references.qualified_tag(reference)] = stored
         message = f"pulled {reference} on {self.runner.name} ({wire.digest_of(stored)[:19]})"
         if not getattr(result, "cached", False):
             await self.controller.status.event_for(target.key, "Normal", "Pulled", message)
@@ -723,10 +723,11 @@ def _fingerprint(target: ModelTarget) -> str:
 
 
 def _index_store(models: Iterable[wire.StoreModel]) -> dict[str, wire.StoreModel]:
+    """The runner's store keyed by fully qualified tag, the form the runner itself returns."""
     index: dict[str, wire.StoreModel] = {}
     for model in models:
         for tag in model.tags:
-            index[references.normalize_reference(tag)] = model
+            index[references.qualified_tag(tag)] = model
     return index
 
 

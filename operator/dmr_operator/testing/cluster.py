@@ -1,0 +1,271 @@
+"""Cluster-side helpers shared by integration tests, benchmarks and the sandbox.
+
+Installing the generated CRDs, creating runner pools (a StatefulSet of model-runner pods plus the
+Service in front, like the chart's), reading and writing DMRModels, and the pod-process factory
+that puts a model-runner emulator behind every simulated runner pod. All calls go through the
+official ``kubernetes`` client with plain dicts, so they work against any cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import yaml
+
+from dmr_operator import constants
+from dmr_operator.api import crdgen
+from dmr_operator.testing.emulator import ModelRunnerEmulator
+from dmr_operator.testing.waiting import wait_for
+
+MERGE_PATCH = "application/merge-patch+json"
+RUNNER_IMAGE = "docker/model-runner:latest"
+
+
+def apply_crds(api_client: Any) -> None:
+    """Create or replace the generated CRDs and wait until they are served."""
+    extensions: Any = kubernetes.client.ApiextensionsV1Api(api_client)
+    for model in crdgen.served_kinds():
+        crd = crdgen.build_crd(model)
+        name = crd["metadata"]["name"]
+        try:
+            current = extensions.read_custom_resource_definition(name)
+        except kubernetes.client.ApiException as error:
+            if error.status != 404:
+                raise
+            extensions.create_custom_resource_definition(crd)
+        else:
+            crd["metadata"]["resourceVersion"] = current.metadata.resource_version
+            extensions.replace_custom_resource_definition(name, crd)
+
+        def established(crd_name: str = name) -> bool:
+            status = extensions.read_custom_resource_definition(crd_name).status
+            return any(
+                c.type == "Established" and c.status == "True" for c in status.conditions or ()
+            )
+
+        wait_for(established, timeout=30, message=f"CRD {name} established")
+
+
+def load_manifests(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+class EmulatorFactory:
+    """Node-simulator process factory: an emulator behind every pod labelled ``dmr.dev/pool``.
+
+    Emulators are kept by (namespace, pod name) so tests can turn their knobs and read their
+    request logs; a pod re-created under the same name gets a fresh emulator (a new store).
+    """
+
+    def __init__(self, *, preload: Iterable[str] = ()) -> None:
+        self.preload = tuple(preload)
+        self.emulators: dict[tuple[str, str], ModelRunnerEmulator] = {}
+        self._uids: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, pod: dict[str, Any]) -> ModelRunnerEmulator | None:
+        metadata = pod.get("metadata") or {}
+        if constants.POOL_LABEL not in (metadata.get("labels") or {}):
+            return None
+        key = (str(metadata.get("namespace")), str(metadata.get("name")))
+        with self._lock:
+            if self._uids.get(key) != metadata.get("uid") or key not in self.emulators:
+                emulator = ModelRunnerEmulator()
+                if self.preload:
+                    emulator.preload_store(*self.preload)
+                self.emulators[key] = emulator
+                self._uids[key] = str(metadata.get("uid"))
+            return self.emulators[key]
+
+    def of(self, namespace: str, pod: str) -> ModelRunnerEmulator:
+        return self.emulators[(namespace, pod)]
+
+    def in_namespace(self, namespace: str) -> dict[str, ModelRunnerEmulator]:
+        return {pod: e for (ns, pod), e in sorted(self.emulators.items()) if ns == namespace}
+
+
+def runner_pool_manifests(
+    *,
+    namespace: str,
+    name: str = constants.DEFAULT_POOL,
+    replicas: int = 1,
+    gpus: int = 0,
+    gpu_resource: str = "nvidia.com/gpu",
+) -> list[dict[str, Any]]:
+    """A StatefulSet of model-runner pods labelled for pool ``name`` and its Service."""
+    labels = {constants.POOL_LABEL: name}
+    resources: dict[str, Any] = {}
+    if gpus:
+        resources = {"limits": {gpu_resource: str(gpus)}, "requests": {gpu_resource: str(gpus)}}
+    workload_name = f"pool-{name}"
+    statefulset = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": workload_name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "serviceName": workload_name,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "containers": [
+                        {
+                            "name": constants.RUNNER_CONTAINER,
+                            "image": RUNNER_IMAGE,
+                            "ports": [
+                                {
+                                    "name": constants.RUNNER_PORT_NAME,
+                                    "containerPort": constants.RUNNER_PORT,
+                                }
+                            ],
+                            "env": [{"name": "DO_NOT_TRACK", "value": "1"}],
+                            "resources": resources,
+                        }
+                    ],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": workload_name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "selector": labels,
+            "ports": [
+                {"name": "http", "port": 80, "targetPort": constants.RUNNER_PORT_NAME},
+            ],
+        },
+    }
+    return [statefulset, service]
+
+
+def create_runner_pool(api_client: Any, **kwargs: Any) -> str:
+    """Create a pool (see ``runner_pool_manifests``); returns the StatefulSet name."""
+    apps: Any = kubernetes.client.AppsV1Api(api_client)
+    core: Any = kubernetes.client.CoreV1Api(api_client)
+    statefulset, service = runner_pool_manifests(**kwargs)
+    namespace = statefulset["metadata"]["namespace"]
+    apps.create_namespaced_stateful_set(namespace, statefulset)
+    core.create_namespaced_service(namespace, service)
+    return str(statefulset["metadata"]["name"])
+
+
+def scale_runner_pool(api_client: Any, namespace: str, name: str, replicas: int) -> None:
+    apps: Any = kubernetes.client.AppsV1Api(api_client)
+    apps.patch_namespaced_stateful_set(
+        f"pool-{name}", namespace, {"spec": {"replicas": replicas}}, _content_type=MERGE_PATCH
+    )
+
+
+def ready_runner_pods(api_client: Any, namespace: str, pool: str) -> list[str]:
+    core: Any = kubernetes.client.CoreV1Api(api_client)
+    pods = core.list_namespaced_pod(namespace, label_selector=f"{constants.POOL_LABEL}={pool}")
+    ready = []
+    for pod in pods.items:
+        statuses = pod.status.container_statuses or []
+        if pod.status.pod_ip and statuses and all(s.ready for s in statuses):
+            ready.append(pod.metadata.name)
+    return sorted(ready)
+
+
+def wait_for_runner_pods(
+    api_client: Any, namespace: str, pool: str, count: int, *, timeout: float = 60
+) -> list[str]:
+    def ready() -> list[str] | None:
+        pods = ready_runner_pods(api_client, namespace, pool)
+        return pods if len(pods) == count else None
+
+    found = wait_for(ready, timeout=timeout, message=f"{count} ready runner pod(s) in pool {pool}")
+    assert found is not None
+    return found
+
+
+def dmrmodel(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": constants.API_VERSION,
+        "kind": constants.DMRMODEL_KIND,
+        "metadata": {"name": name},
+        "spec": dict(spec),
+    }
+
+
+class CustomObjects:
+    """DMRModels and Agents through the custom-objects API, as plain dicts."""
+
+    def __init__(self, api_client: Any, namespace: str) -> None:
+        self.api: Any = kubernetes.client.CustomObjectsApi(api_client)
+        self.namespace = namespace
+
+    def create(self, plural: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        created: dict[str, Any] = self.api.create_namespaced_custom_object(
+            constants.GROUP, constants.VERSION, self.namespace, plural, dict(body)
+        )
+        return created
+
+    def get(self, plural: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = self.api.get_namespaced_custom_object(
+                constants.GROUP, constants.VERSION, self.namespace, plural, name
+            )
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return found
+
+    def patch_spec(self, plural: str, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+        patched: dict[str, Any] = self.api.patch_namespaced_custom_object(
+            constants.GROUP,
+            constants.VERSION,
+            self.namespace,
+            plural,
+            name,
+            {"spec": dict(spec)},
+            _content_type=MERGE_PATCH,
+        )
+        return patched
+
+    def delete(self, plural: str, name: str) -> None:
+        with contextlib.suppress(kubernetes.client.ApiException):
+            self.api.delete_namespaced_custom_object(
+                constants.GROUP, constants.VERSION, self.namespace, plural, name
+            )
+
+    def status(self, plural: str, name: str) -> dict[str, Any]:
+        found = self.get(plural, name) or {}
+        return dict(found.get("status") or {})
+
+    def wait_phase(
+        self, plural: str, name: str, phase: str, *, timeout: float = 30
+    ) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            found = self.get(plural, name)
+            return found if found and (found.get("status") or {}).get("phase") == phase else None
+
+        try:
+            found = wait_for(reached, timeout=timeout, message=f"{plural}/{name} phase {phase}")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; status now: {self.status(plural, name)}") from None
+        assert found is not None
+        return found
+
+
+def events_for(api_client: Any, namespace: str, name: str) -> list[Any]:
+    """Events about object ``name`` recorded by the operator, oldest first."""
+    core: Any = kubernetes.client.CoreV1Api(api_client)
+    events = core.list_namespaced_event(namespace)
+    found = [
+        e
+        for e in events.items
+        if e.involved_object.name == name and (e.source.component or "") == "dmr-operator"
+    ]
+    return sorted(found, key=lambda e: e.first_timestamp or e.metadata.creation_timestamp)

@@ -1,0 +1,479 @@
+"""DMRModel end to end on the real control plane: apply -> pull -> _configure -> read-back -> status.
+
+The operator runs as its own process against kube-apiserver; runner pods come from a StatefulSet
+that the real controller-manager and scheduler place on simulated GPU nodes, each served by its
+own model-runner emulator on its pod address. Covered: every option on a 3-replica pool with the
+exact wire JSON, runner restart, scale-out, busy / unreachable / failing-pull / rejecting runners
+with call counts, deletion with the runner up and down, and a quiet steady state.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from dmr_operator.testing import cluster
+from dmr_operator.testing.emulator import ModelRunnerEmulator
+from dmr_operator.testing.operatorprocess import OperatorProcess
+from dmr_operator.testing.waiting import wait_for
+
+PLURAL = "dmrmodels"
+CONFIGURE_LLAMA = "/engines/llama.cpp/_configure"
+CONFIGURE_VLLM = "/engines/vllm/_configure"
+
+LLAMA_SPEC = {
+    "model": "ai/qwen3:14B",
+    "mode": "completion",
+    "contextSize": 32768,
+    "keepAlive": "-1",
+    "runtimeFlags": ["--temp", "0.7", "--top-k", "20"],
+    "thinkingBudget": "medium",
+    "speculative": {"draftModel": "ai/qwen3:0.6B", "numTokens": 8, "minAcceptanceRate": 0.75},
+}
+LLAMA_WIRE = {
+    "model": "ai/qwen3:14B",
+    "mode": "completion",
+    "context-size": 32768,
+    "runtime-flags": ["--temp", "0.7", "--top-k", "20"],
+    "keep_alive": "-1",
+    "speculative": {"draft_model": "ai/qwen3:0.6B", "num_tokens": 8, "min_acceptance_rate": 0.75},
+    "llamacpp": {"reasoning-budget": 8192},
+}
+VLLM_SPEC = {
+    "model": "ai/qwen3-vllm",
+    "backend": "vllm",
+    "contextSize": 16384,
+    "keepAlive": "30m",
+    "runtimeFlags": ["--max-num-seqs", "8"],
+    "vllm": {
+        "gpuMemoryUtilization": 0.85,
+        "hfOverrides": {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}, "max_position": 4096},
+    },
+}
+VLLM_WIRE = {
+    "model": "ai/qwen3-vllm:latest",
+    "context-size": 16384,
+    "runtime-flags": ["--max-num-seqs", "8"],
+    "keep_alive": "30m",
+    "vllm": {
+        "gpu-memory-utilization": 0.85,
+        "hf-overrides": {
+            "rope_scaling": {"rope_type": "yarn", "factor": 2.0},
+            "max_position": 4096,
+        },
+    },
+}
+
+
+@pytest.fixture
+def emulators() -> cluster.EmulatorFactory:
+    return cluster.EmulatorFactory()
+
+
+@pytest.fixture
+def pod_process_factory(emulators: cluster.EmulatorFactory) -> cluster.EmulatorFactory:
+    return emulators
+
+
+@pytest.fixture(scope="session")
+def crds(api_client: Any) -> None:
+    cluster.apply_crds(api_client)
+
+
+@pytest.fixture
+def operator(control_plane: Any, namespace: str, crds: None) -> Any:
+    process = OperatorProcess(
+        kubeconfig=control_plane.kubeconfig_path, namespaces=[namespace], verify_interval=2
+    )
+    process.start()
+    yield process
+    process.stop()
+    print(f"--- operator log (tail) ---\n{process.log_tail(40)}")
+
+
+@pytest.fixture
+def objects(api_client: Any, namespace: str) -> cluster.CustomObjects:
+    return cluster.CustomObjects(api_client, namespace)
+
+
+def pool(api_client: Any, node_simulator: Any, namespace: str, replicas: int) -> list[str]:
+    for index in range(replicas):
+        node_simulator.add_node(f"{namespace}-gpu-{index}", gpus=1)
+    cluster.create_runner_pool(api_client, namespace=namespace, replicas=replicas, gpus=1)
+    return cluster.wait_for_runner_pods(api_client, namespace, "default", replicas)
+
+
+def bodies(emulator: ModelRunnerEmulator, path: str) -> list[Any]:
+    return [r.body for r in emulator.calls("POST", path)]
+
+
+def pulled(emulator: ModelRunnerEmulator) -> list[str]:
+    return sorted(r.body["from"] for r in emulator.calls("POST", "/models/create"))
+
+
+def test_every_option_on_a_three_replica_pool(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    pods = pool(api_client, node_simulator, namespace, 3)
+    objects.create(PLURAL, cluster.dmrmodel("qwen", LLAMA_SPEC))
+    objects.create(PLURAL, cluster.dmrmodel("qwen-vllm", VLLM_SPEC))
+    llama = objects.wait_phase(PLURAL, "qwen", "Ready")
+    vllm = objects.wait_phase(PLURAL, "qwen-vllm", "Ready")
+
+    for pod in pods:
+        emulator = emulators.of(namespace, pod)
+        # One pull per model (the draft included), then exactly one _configure with the exact JSON.
+        assert pulled(emulator) == ["ai/qwen3-vllm:latest", "ai/qwen3:0.6B", "ai/qwen3:14B"]
+        assert bodies(emulator, CONFIGURE_LLAMA) == [LLAMA_WIRE]
+        assert bodies(emulator, CONFIGURE_VLLM) == [VLLM_WIRE]
+
+    status = llama["status"]
+    assert status["runnersSummary"] == "3/3"
+    assert status["backend"] == "llama.cpp"
+    assert status["normalizedModel"] == "ai/qwen3:14B"
+    assert status["digest"].startswith("sha256:")
+    assert status["observedGeneration"] == llama["metadata"]["generation"]
+    assert status["endpoint"] == f"http://pool-default.{namespace}.svc:80/v1"
+    assert sorted(r["pod"] for r in status["runners"]) == pods
+    assert {r["state"] for r in status["runners"]} == {"Configured"}
+    assert all(r["node"].startswith(namespace) for r in status["runners"])
+    # Read back from the runner, in the runner's spelling (keep_alive echoed as a Go duration).
+    assert status["effective"] == {
+        "context-size": 32768,
+        "runtime-flags": ["--temp", "0.7", "--top-k", "20"],
+        "speculative": {
+            "draft_model": "ai/qwen3:0.6B",
+            "num_tokens": 8,
+            "min_acceptance_rate": 0.75,
+        },
+        "keep_alive": "-1",
+        "llamacpp": {"reasoning-budget": 8192},
+    }
+    assert vllm["status"]["effective"]["keep_alive"] == "30m0s"
+    assert vllm["status"]["backend"] == "vllm"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert {t: c["status"] for t, c in conditions.items()} == {
+        "Pulled": "True",
+        "Configured": "True",
+        "Ready": "True",
+    }
+    reasons = [e.reason for e in cluster.events_for(api_client, namespace, "qwen")]
+    assert reasons.count("Configured") == 3 and "Pulled" in reasons
+
+
+def test_runner_restart_is_reconfigured_without_a_spec_change(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    pods = pool(api_client, node_simulator, namespace, 2)
+    objects.create(PLURAL, cluster.dmrmodel("qwen", LLAMA_SPEC))
+    objects.wait_phase(PLURAL, "qwen", "Ready")
+    victim = emulators.of(namespace, pods[0])
+    survivor = emulators.of(namespace, pods[1])
+    assert len(victim.calls("POST", CONFIGURE_LLAMA)) == 1
+
+    started = time.monotonic()
+    node_simulator.crash(namespace, pods[0])
+    wait_for(
+        lambda: len(victim.calls("POST", CONFIGURE_LLAMA)) == 2,
+        timeout=5,
+        message="the restarted runner to be configured again",
+    )
+    elapsed = time.monotonic() - started
+    objects.wait_phase(PLURAL, "qwen", "Ready", timeout=5)
+    assert bodies(victim, CONFIGURE_LLAMA)[-1] == LLAMA_WIRE
+    # The runner kept its store (models are on disk), so nothing was pulled again.
+    assert pulled(victim) == ["ai/qwen3:0.6B", "ai/qwen3:14B"]
+    # The other runner was left alone.
+    assert len(survivor.calls("POST", CONFIGURE_LLAMA)) == 1
+    reasons = [e.reason for e in cluster.events_for(api_client, namespace, "qwen")]
+    wait_for(
+        lambda: (
+            "Reconfigured" in [e.reason for e in cluster.events_for(api_client, namespace, "qwen")]
+        ),
+        timeout=5,
+        message=f"a Reconfigured event (have {reasons})",
+    )
+    print(f"re-configured {elapsed:.2f}s after the crash")
+
+
+def test_scaling_the_pool_out_configures_the_new_pods(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    for index in range(4):
+        node_simulator.add_node(f"{namespace}-gpu-{index}", gpus=1)
+    cluster.create_runner_pool(api_client, namespace=namespace, replicas=2, gpus=1)
+    cluster.wait_for_runner_pods(api_client, namespace, "default", 2)
+    objects.create(PLURAL, cluster.dmrmodel("smol", {"model": "ai/smollm2", "contextSize": 4096}))
+    assert objects.wait_phase(PLURAL, "smol", "Ready")["status"]["runnersSummary"] == "2/2"
+
+    cluster.scale_runner_pool(api_client, namespace, "default", 4)
+    pods = cluster.wait_for_runner_pods(api_client, namespace, "default", 4)
+    wait_for(
+        lambda: objects.status(PLURAL, "smol").get("runnersSummary") == "4/4",
+        timeout=15,
+        message="4/4 runners configured",
+    )
+    for pod in pods:
+        assert len(emulators.of(namespace, pod).calls("POST", CONFIGURE_LLAMA)) == 1
+
+
+def test_busy_runner_waits_with_backoff_then_configures(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    emulator = emulators.of(namespace, pod)
+    emulator.preload_store("ai/smollm2")
+    emulator.hold_runner("ai/smollm2", seconds=6)
+    objects.create(PLURAL, cluster.dmrmodel("smol", {"model": "ai/smollm2", "contextSize": 2048}))
+    wait_for(
+        lambda: any(
+            c["reason"] == "RunnerBusy"
+            for c in objects.status(PLURAL, "smol").get("conditions", [])
+        ),
+        timeout=10,
+        message="RunnerBusy condition",
+    )
+    assert objects.status(PLURAL, "smol")["phase"] == "Configuring"
+    objects.wait_phase(PLURAL, "smol", "Ready", timeout=40)
+    attempts = emulator.calls("POST", CONFIGURE_LLAMA)
+    # Backoff 1, 2, 4, 8 s over a 6 s hold: a handful of attempts, never a storm.
+    assert 2 <= len(attempts) <= 5, [r.status for r in attempts]
+    assert [r.status for r in attempts][-1] == 202
+    assert {r.status for r in attempts[:-1]} == {409}
+
+
+def test_busy_policy_unload_evicts_then_configures(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    emulator = emulators.of(namespace, pod)
+    emulator.preload_store("ai/smollm2")
+    emulator.hold_runner("ai/smollm2", seconds=0.5)
+    spec = {"model": "ai/smollm2", "contextSize": 2048, "busyPolicy": "Unload"}
+    objects.create(PLURAL, cluster.dmrmodel("smol", spec))
+    objects.wait_phase(PLURAL, "smol", "Ready", timeout=20)
+    assert emulator.calls("POST", "/engines/unload")
+
+
+def test_unreachable_runner_recovers_on_its_own(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    emulator = emulators.of(namespace, pod)
+    node_simulator.run(emulator.stop_listening())
+    objects.create(PLURAL, cluster.dmrmodel("smol", {"model": "ai/smollm2"}))
+    wait_for(
+        lambda: (
+            objects.status(PLURAL, "smol").get("conditions", [{}])[-1].get("reason")
+            == "RunnerUnreachable"
+        ),
+        timeout=10,
+        message="RunnerUnreachable on Ready",
+    )
+    node_simulator.run(emulator.start_listening())
+    objects.wait_phase(PLURAL, "smol", "Ready", timeout=20)
+    assert len(emulator.calls("POST", CONFIGURE_LLAMA)) == 1
+
+
+def test_pull_failing_after_200_is_retried_with_backoff(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    emulator = emulators.of(namespace, pod)
+    emulator.fail_pull("ai/smollm2")
+    objects.create(PLURAL, cluster.dmrmodel("smol", {"model": "ai/smollm2"}))
+    wait_for(
+        lambda: (
+            objects.status(PLURAL, "smol").get("conditions", [{}])[0].get("reason") == "PullFailed"
+        ),
+        timeout=10,
+        message="PullFailed",
+    )
+    time.sleep(3)  # an observation window: no retry storm while the fault lasts
+    assert len(emulator.calls("POST", "/models/create")) == 1
+    assert not emulator.calls("POST", CONFIGURE_LLAMA)
+    emulator.clear_pull_failures()
+    objects.wait_phase(PLURAL, "smol", "Ready", timeout=20)
+    assert len(emulator.calls("POST", "/models/create")) == 2
+
+
+def test_rejected_configuration_is_not_retried_until_the_spec_changes(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    emulator = emulators.of(namespace, pod)
+    emulator.configure_failure = 'runtime flag "--bogus" is not allowed for backend "llama.cpp"'
+    objects.create(PLURAL, cluster.dmrmodel("smol", {"model": "ai/smollm2"}))
+    wait_for(
+        lambda: objects.status(PLURAL, "smol").get("phase") == "Failed",
+        timeout=10,
+        message="phase Failed",
+    )
+    ready = objects.status(PLURAL, "smol")["conditions"][-1]
+    assert ready["reason"] == "ConfigRejected"
+    assert "--bogus" in ready["message"]
+    time.sleep(3)  # verify passes happen every 2 s: none of them may resend the rejected config
+    assert len(emulator.calls("POST", CONFIGURE_LLAMA)) == 1
+    emulator.configure_failure = None
+    objects.patch_spec(PLURAL, "smol", {"contextSize": 4096})
+    objects.wait_phase(PLURAL, "smol", "Ready", timeout=10)
+    assert len(emulator.calls("POST", CONFIGURE_LLAMA)) == 2
+
+
+def test_spec_change_reconfigures_and_moves_observed_generation(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    objects.create(PLURAL, cluster.dmrmodel("smol", {"model": "ai/smollm2", "contextSize": 2048}))
+    objects.wait_phase(PLURAL, "smol", "Ready")
+    patched = objects.patch_spec(PLURAL, "smol", {"contextSize": 8192, "keepAlive": "10m"})
+    wait_for(
+        lambda: (
+            objects.status(PLURAL, "smol").get("observedGeneration")
+            == patched["metadata"]["generation"]
+            and objects.status(PLURAL, "smol").get("phase") == "Ready"
+        ),
+        timeout=10,
+        message="the new generation Ready",
+    )
+    emulator = emulators.of(namespace, pod)
+    assert bodies(emulator, CONFIGURE_LLAMA)[-1] == {
+        "model": "ai/smollm2:latest",
+        "context-size": 8192,
+        "keep_alive": "10m",
+    }
+    assert objects.status(PLURAL, "smol")["effective"]["keep_alive"] == "10m0s"
+
+
+def test_delete_unloads_from_a_live_runner(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    emulator = emulators.of(namespace, pod)
+    objects.create(PLURAL, cluster.dmrmodel("smol", {"model": "ai/smollm2"}))
+    found = objects.wait_phase(PLURAL, "smol", "Ready")
+    assert "dmr.dev/cleanup" in found["metadata"]["finalizers"]
+    objects.delete(PLURAL, "smol")
+    wait_for(lambda: objects.get(PLURAL, "smol") is None, timeout=15, message="object gone")
+    assert bodies(emulator, "/engines/unload") == [
+        {"all": False, "backend": "llama.cpp", "models": ["ai/smollm2:latest"]}
+    ]
+    assert _configs(emulator) == []  # unload with a backend drops the stored configuration
+
+
+def _configs(emulator: ModelRunnerEmulator) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{emulator.url}/engines/_configure", timeout=5).json())
+
+
+def test_delete_with_the_runner_down_is_released_within_the_bound(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    emulator = emulators.of(namespace, pod)
+    objects.create(PLURAL, cluster.dmrmodel("smol", {"model": "ai/smollm2"}))
+    objects.wait_phase(PLURAL, "smol", "Ready")
+    node_simulator.run(emulator.stop_listening())
+    started = time.monotonic()
+    objects.delete(PLURAL, "smol")
+    wait_for(lambda: objects.get(PLURAL, "smol") is None, timeout=30, message="object gone")
+    print(f"released {time.monotonic() - started:.1f}s after delete with the runner down")
+    reasons = [e.reason for e in cluster.events_for(api_client, namespace, "smol")]
+    assert "CleanupFailed" in reasons
+
+
+def test_steady_state_costs_no_writes_and_no_configure_calls(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    pods = pool(api_client, node_simulator, namespace, 2)
+    for index in range(3):
+        spec = {"model": "ai/smollm2", "mode": ["completion", "embedding", "reranking"][index]}
+        objects.create(PLURAL, cluster.dmrmodel(f"m{index}", spec))
+    for index in range(3):
+        objects.wait_phase(PLURAL, f"m{index}", "Ready")
+    time.sleep(1)  # let the last status write and Events land before taking the baseline
+    versions = {
+        f"m{i}": objects.get(PLURAL, f"m{i}")["metadata"]["resourceVersion"] for i in range(3)
+    }
+    events = len(cluster.events_for(api_client, namespace, "m0"))
+    before = {pod: len(emulators.of(namespace, pod).requests) for pod in pods}
+    configures = {
+        pod: len(emulators.of(namespace, pod).calls("POST", CONFIGURE_LLAMA)) for pod in pods
+    }
+
+    window = 60.0
+    time.sleep(window)  # the observation window itself: nothing may happen in it
+
+    after = {f"m{i}": objects.get(PLURAL, f"m{i}")["metadata"]["resourceVersion"] for i in range(3)}
+    assert after == versions, "a DMRModel was written in steady state"
+    assert len(cluster.events_for(api_client, namespace, "m0")) == events
+    for pod in pods:
+        emulator = emulators.of(namespace, pod)
+        assert len(emulator.calls("POST", CONFIGURE_LLAMA)) == configures[pod]
+        new = emulator.requests[before[pod] :]
+        # Only the periodic read-back (verify interval 2 s), one GET per runner per pass,
+        # whatever the number of models.
+        assert {(r.method, r.path) for r in new} <= {("GET", "/engines/_configure")}
+        assert len(new) <= window / 2 + 2
