@@ -1,4 +1,4 @@
-"""DMRModel end to end on the real control plane: apply -> pull -> _configure -> read-back -> status.
+"""DMRModel end to end on the real control plane: apply, pull, _configure, read-back, status.
 
 The operator runs as its own process against kube-apiserver; runner pods come from a StatefulSet
 that the real controller-manager and scheduler place on simulated GPU nodes, each served by its
