@@ -172,6 +172,11 @@ def validate_spec(spec: DMRModelSpec, *, allowed_runner_hosts: Iterable[str] = (
             problems.append(f"spec.vllm: vllm options need backend vllm, not {spec.backend}")
         if spec.vllm.hf_overrides is not None:
             check("vllm.hfOverrides", validation.validate_hf_overrides, spec.vllm.hf_overrides)
+            problems.extend(
+                f"spec.vllm.hfOverrides: key {path!r} is refused: keys starting with '__' reach "
+                "Python internals of the model config in vLLM"
+                for path in _dunder_keys(spec.vllm.hf_overrides)
+            )
         if spec.vllm.gpu_memory_utilization is not None:
             check(
                 "vllm.gpuMemoryUtilization",
@@ -186,6 +191,22 @@ def validate_spec(spec: DMRModelSpec, *, allowed_runner_hosts: Iterable[str] = (
             if problem:
                 problems.append(f"spec.{problem}")
     return problems
+
+
+def _dunder_keys(value: Any, path: str = "") -> list[str]:
+    """Keys like ``__class__`` at any depth: valid for model-runner, but vLLM applies
+    hf_overrides onto a Python object, so the operator refuses them as a policy."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        for key, child in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if str(key).startswith("__"):
+                found.append(where)
+            found.extend(_dunder_keys(child, where))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            found.extend(_dunder_keys(child, f"{path}[{index}]"))
+    return found
 
 
 def resolve_backend(spec: DMRModelSpec, model_format: str | None) -> str:

@@ -105,8 +105,8 @@ class Runners(CamelModel):
         max_length=2048,
         pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
         description="Base URL of an external model-runner (e.g. http://gpu-box:12434). "
-        "Allowed only for hosts on the operator's --allowed-runner-hosts list; link-local and metadata "
-        "addresses are always refused. Exclusive with poolSelector.",
+        "Allowed only for hosts on the operator's --allowed-runner-hosts list; link-local "
+        "and metadata addresses are always refused. Exclusive with poolSelector.",
     )
 
 
