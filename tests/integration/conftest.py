@@ -16,7 +16,8 @@ from typing import Any
 import kubernetes
 import pytest
 
-from dmr_operator.testing import controlplane, nodesim
+from dmr_operator.testing import cluster, controlplane, nodesim
+from dmr_operator.testing.operatorprocess import OperatorProcess
 from dmr_operator.testing.waiting import wait_for
 
 
@@ -70,9 +71,45 @@ def namespace(api_client: Any) -> Iterator[str]:
 
 
 @pytest.fixture
-def pod_process_factory() -> nodesim.PodProcessFactory | None:
-    """What runs behind simulated pods: nothing by default (pods still become Running/Ready)."""
-    return None
+def emulators() -> cluster.EmulatorFactory:
+    """One model-runner emulator per simulated runner pod, kept by (namespace, pod)."""
+    return cluster.EmulatorFactory()
+
+
+@pytest.fixture
+def pod_process_factory(emulators: cluster.EmulatorFactory) -> nodesim.PodProcessFactory | None:
+    """What runs behind simulated pods: an emulator for runner pods (label dmr.dev/pool),
+    nothing for the others (they still become Running/Ready)."""
+    return emulators
+
+
+@pytest.fixture(scope="session")
+def crds(api_client: Any) -> None:
+    """The generated DMRModel and Agent CRDs, installed once per session."""
+    cluster.apply_crds(api_client)
+
+
+@pytest.fixture
+def operator(
+    control_plane: controlplane.ControlPlane, namespace: str, crds: None
+) -> Iterator[OperatorProcess]:
+    """The operator as its own process, watching only this test's namespace.
+
+    Verify interval 2 s so periodic read-backs happen within a test; the log tail is printed at
+    teardown (pytest shows it for failed tests).
+    """
+    process = OperatorProcess(
+        kubeconfig=control_plane.kubeconfig_path, namespaces=[namespace], verify_interval=2
+    )
+    process.start()
+    yield process
+    process.stop()
+    print(f"--- operator log (tail) ---\n{process.log_tail(40)}")
+
+
+@pytest.fixture
+def objects(api_client: Any, namespace: str) -> cluster.CustomObjects:
+    return cluster.CustomObjects(api_client, namespace)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import httpx
-import pytest
 
 from dmr_operator.testing import cluster
 from dmr_operator.testing.emulator import ModelRunnerEmulator
@@ -66,37 +65,6 @@ VLLM_WIRE = {
         },
     },
 }
-
-
-@pytest.fixture
-def emulators() -> cluster.EmulatorFactory:
-    return cluster.EmulatorFactory()
-
-
-@pytest.fixture
-def pod_process_factory(emulators: cluster.EmulatorFactory) -> cluster.EmulatorFactory:
-    return emulators
-
-
-@pytest.fixture(scope="session")
-def crds(api_client: Any) -> None:
-    cluster.apply_crds(api_client)
-
-
-@pytest.fixture
-def operator(control_plane: Any, namespace: str, crds: None) -> Any:
-    process = OperatorProcess(
-        kubeconfig=control_plane.kubeconfig_path, namespaces=[namespace], verify_interval=2
-    )
-    process.start()
-    yield process
-    process.stop()
-    print(f"--- operator log (tail) ---\n{process.log_tail(40)}")
-
-
-@pytest.fixture
-def objects(api_client: Any, namespace: str) -> cluster.CustomObjects:
-    return cluster.CustomObjects(api_client, namespace)
 
 
 def pool(api_client: Any, node_simulator: Any, namespace: str, replicas: int) -> list[str]:
