@@ -20,7 +20,7 @@ import kopf
 
 from dmr_operator import __version__, constants, metrics
 from dmr_operator.clients import kube as kube_client
-from dmr_operator.controllers import dmrmodels
+from dmr_operator.controllers import agents, dmrmodels
 
 logger = logging.getLogger(__name__)
 
@@ -200,11 +200,15 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any, logger: Any, **
         ),
     )
     memo.dmrmodels.start()
+    memo.agents = agents.AgentController(kube=memo.kube, dmrmodels=memo.dmrmodels)
+    memo.agents.start()
     logger.info("dmr-operator %s started", __version__)
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "agents", None) is not None:
+        await memo.agents.stop()
     controller = getattr(memo, "dmrmodels", None)
     if controller is not None:
         await controller.stop()

@@ -4,6 +4,6 @@ Importing this package registers every handler with kopf's default registry. Not
 decides anything; the controllers in ``dmr_operator.controllers`` do.
 """
 
-from dmr_operator.handlers import dmrmodel, runners
+from dmr_operator.handlers import agent, dmrmodel, runners
 
-__all__ = ["dmrmodel", "runners"]
+__all__ = ["agent", "dmrmodel", "runners"]
