@@ -137,7 +137,10 @@ class DMRModelController:
             and previous.generation == int(metadata.get("generation") or 0)
             and previous.uid == metadata.get("uid")
         ):
-            return  # a status write of ours, or labels: nothing the runners care about
+            # Nothing the runners care about (our own status echo, labels, or somebody else
+            # editing status): recompute status, which writes only if it differs.
+            self.status.mark(key)
+            return
         target = dmrmodel.target_from_object(
             body, allowed_runner_hosts=self.settings.allowed_runner_hosts
         )
