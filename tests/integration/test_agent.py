@@ -11,10 +11,8 @@ rolling the agent pods and re-configuring the runners; deletion through owner re
 from __future__ import annotations
 
 import importlib.util
-import json
 import secrets
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,33 +96,8 @@ class Emulators(cluster.EmulatorFactory):
 
 @pytest.fixture
 def emulators() -> Emulators:
+    """Overrides the shared fixture (conftest's pod_process_factory uses it)."""
     return Emulators()
-
-
-@pytest.fixture
-def pod_process_factory(emulators: Emulators) -> Emulators:
-    return emulators
-
-
-@pytest.fixture(scope="session")
-def crds(api_client: Any) -> None:
-    cluster.apply_crds(api_client)
-
-
-@pytest.fixture
-def operator(control_plane: Any, namespace: str, crds: None) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(
-        kubeconfig=control_plane.kubeconfig_path, namespaces=[namespace], verify_interval=2
-    )
-    process.start()
-    yield process
-    process.stop()
-    print(f"--- operator log (tail) ---\n{process.log_tail(60)}")
-
-
-@pytest.fixture
-def objects(api_client: Any, namespace: str) -> cluster.CustomObjects:
-    return cluster.CustomObjects(api_client, namespace)
 
 
 @pytest.fixture
@@ -439,4 +412,4 @@ def test_deleting_the_agent_removes_its_children_and_nothing_else(
     }
     assert core.read_namespaced_service("pool-default", namespace) is not None
     assert cluster.ready_runner_pods(api_client, namespace, "default")
-    assert json.dumps(objects.get(AGENTS, "helper")) == "null"
+    assert objects.get(AGENTS, "helper") is None
