@@ -174,6 +174,15 @@ def generated_files(root: Path) -> dict[Path, str]:
     return files
 
 
+def generated_files_with_docs(root: Path) -> dict[Path, str]:
+    from dmr_operator.api import reference
+
+    return {
+        **generated_files(root),
+        root / "docs" / "crd-reference.md": reference.render_reference(),
+    }
+
+
 def write_files(files: Mapping[Path, str]) -> Iterable[Path]:
     for path, content in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +207,6 @@ def crds_command(args: argparse.Namespace) -> int:
     if args.stdout:
         print("---\n".join(render_yaml(build_crd(model)) for model in served_kinds()), end="")
         return 0
-    for path in write_files(generated_files(args.root)):
+    for path in write_files(generated_files_with_docs(args.root)):
         print(f"wrote {path}")
     return 0
