@@ -17,7 +17,11 @@ from collections.abc import Callable, Sequence
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("dmr_operator.main", "run_command", "run the operator against a cluster"),
     "crds": ("dmr_operator.api.crdgen", "crds_command", "write the generated CRDs"),
-    "emulator": ("dmr_operator.testing.emulator", "emulator_command", "serve a model-runner emulator"),
+    "emulator": (
+        "dmr_operator.testing.emulator",
+        "emulator_command",
+        "serve a model-runner emulator",
+    ),
     "controlplane": (
         "dmr_operator.testing.controlplane",
         "controlplane_command",
