@@ -200,3 +200,31 @@ def test_second_control_plane_starts_fast_restarts_and_leaves_no_process() -> No
     assert _processes_in_groups(set(pids)) == []
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
     assert not work_dir.exists()
+
+
+def test_kubebuilder_assets_take_precedence_over_the_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "kube-apiserver").write_text("#!/bin/sh\n")
+    (tmp_path / "kube-apiserver").chmod(0o755)
+    monkeypatch.setenv("KUBEBUILDER_ASSETS", str(tmp_path))
+    found = controlplane.ensure_binaries(build=False)
+    assert found.apiserver == tmp_path / "kube-apiserver"
+    assert found.controller_manager is None  # envtest assets have no controller-manager
+    with pytest.raises(controlplane.ControlPlaneUnavailable, match="controllers=True"):
+        controlplane.ControlPlane(controllers=True, binaries=found).start()
+
+
+def test_missing_binaries_are_reported_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KUBEBUILDER_ASSETS", str(tmp_path))
+    with pytest.raises(controlplane.ControlPlaneUnavailable, match="has no kube-apiserver"):
+        controlplane.ensure_binaries(build=False)
+    (tmp_path / "kube-apiserver").write_text("#!/bin/sh\n")
+    (tmp_path / "kube-apiserver").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    with pytest.raises(controlplane.ControlPlaneUnavailable) as no_etcd:
+        controlplane.ensure_binaries(build=False)
+    assert "apt-get install etcd-server" in str(no_etcd.value)
+    assert "\n" not in str(no_etcd.value)

@@ -241,12 +241,14 @@ class _BuildSession:
 
     def make(self, *, source: Path, env: dict[str, str]) -> None:
         """Run the Kubernetes make, reporting each build phase and a heartbeat while Go compiles."""
-        current = {"target": "starting"}
+        # Targets of the current "Building go targets" group: Go compiles them together.
+        current: list[str] = ["(starting)"]
         done = threading.Event()
 
         def heartbeat() -> None:
             while not done.wait(BUILD_HEARTBEAT_SECONDS):
-                self.progress(f"  still building {current['target']} (elapsed {self.elapsed()})")
+                building = ", ".join(current) or "the next step"
+                self.progress(f"  still building {building} (elapsed {self.elapsed()})")
 
         argv = ["make", f"WHAT={' '.join(f'cmd/{name}' for name in KUBE_COMPONENTS)}"]
         make_log = self.workspace / "make.log"
@@ -268,9 +270,11 @@ class _BuildSession:
                 assert process.stdout is not None
                 for line in process.stdout:
                     log.write(line)
+                    if line.startswith("+++ "):
+                        current.clear()
                     target = _make_target(line)
                     if target is not None:
-                        current["target"] = target
+                        current.append(target)
                         self.progress(f"  make: {target} (elapsed {self.elapsed()})")
                 returncode = process.wait()
             finally:
