@@ -3,7 +3,7 @@
 Role: there is no kubelet in the local control plane (``controlplane``), so this module creates
 Nodes with the capacity, labels and taints a test asks for (GPU nodes included) and, for every pod
 the real scheduler binds to one of them, does what a kubelet would: give the pod its own loopback
-address (127.0.1.1, 127.0.1.2, ...), start the process behind the pod on it, report the pod
+address (127.N.0.1, 127.N.0.2, ...), start the process behind the pod on it, report the pod
 Running/Ready (honouring readiness gates), restart it on :meth:`NodeSimulator.crash`, and finish
 deletions. The process behind a model-runner pod is the model-runner emulator, plugged in through a
 ``PodProcessFactory``; it runs on an asyncio loop in the simulator's own thread.
@@ -20,6 +20,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -84,7 +85,9 @@ class _LoopbackAddresses:
                     return str(address)
 
 
-POD_ADDRESSES = _LoopbackAddresses("127.0.1.1")
+# Each Python process starts in its own 127.N.0.0/16 block (N from the process id), so test runs,
+# benchmarks and a sandbox on the same machine do not hand out each other's addresses.
+POD_ADDRESSES = _LoopbackAddresses(f"127.{1 + os.getpid() % 250}.0.1")
 NODE_ADDRESSES = _LoopbackAddresses("127.254.0.1")
 
 
