@@ -258,10 +258,13 @@ def test_namespaced_rbac_is_a_role_per_watched_namespace() -> None:
     for binding in bindings:
         assert binding["subjects"][0]["namespace"] == NAMESPACE
     assert ("", "pods", "watch") in rules_of(roles[0])
-    # Only what a Role cannot grant stays cluster-wide; namespaces are not listed at all.
+    # Only what a Role cannot grant and kopf reads at cluster scope stays cluster-wide (kopf lists
+    # namespaces even for a fixed list: tests/integration/test_chart_install.py).
     assert rules_of(only(objects, "ClusterRole")) == {
         ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+        ("", "namespaces", "list"),
+        ("", "namespaces", "watch"),
     }
 
 
@@ -317,17 +320,17 @@ def runner_container(statefulset: dict[str, Any]) -> dict[str, Any]:
         (
             {"name": "p", "accelerator": "nvidia"},
             "docker/model-runner:latest-cuda",
-            {"nvidia.com/gpu": 1},
+            {"nvidia.com/gpu": "1"},
         ),
         (
             {"name": "p", "accelerator": "nvidia", "vllm": True, "gpus": 4},
             "docker/model-runner:latest-vllm-cuda",
-            {"nvidia.com/gpu": 4},
+            {"nvidia.com/gpu": "4"},
         ),
         (
             {"name": "p", "accelerator": "amd"},
             "docker/model-runner:latest-rocm",
-            {"amd.com/gpu": 1},
+            {"amd.com/gpu": "1"},
         ),
         ({"name": "p", "accelerator": "cpu"}, "docker/model-runner:latest", {}),
         ({"name": "p"}, "docker/model-runner:latest", {}),
@@ -335,12 +338,12 @@ def runner_container(statefulset: dict[str, Any]) -> dict[str, Any]:
         (
             {"name": "p", "accelerator": "nvidia", "image": "mirror.local/dmr:v1.2.3-cuda"},
             "mirror.local/dmr:v1.2.3-cuda",
-            {"nvidia.com/gpu": 1},
+            {"nvidia.com/gpu": "1"},
         ),
     ],
 )
 def test_pool_image_and_gpus_follow_the_accelerator(
-    pool: dict[str, Any], image: str, gpu_limit: dict[str, int]
+    pool: dict[str, Any], image: str, gpu_limit: dict[str, str]
 ) -> None:
     statefulset, _ = pool_objects(render({"runnerPools": [pool]}), "p")
     container = runner_container(statefulset)
@@ -390,7 +393,7 @@ def test_pool_statefulset_and_service_match_what_the_operator_expects() -> None:
             "path": "/engines/status",
             "port": constants.RUNNER_PORT_NAME,
         }
-    assert container["resources"]["limits"] == {"memory": "32Gi", "nvidia.com/gpu": 2}
+    assert container["resources"]["limits"] == {"memory": "32Gi", "nvidia.com/gpu": "2"}
     pod = template["spec"]
     assert pod["runtimeClassName"] == "nvidia"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
