@@ -445,3 +445,64 @@ def test_steady_state_costs_no_writes_and_no_configure_calls(
         # whatever the number of models.
         assert {(r.method, r.path) for r in new} <= {("GET", "/engines/_configure")}
         assert len(new) <= window / 2 + 2
+
+
+def test_external_runner_on_the_allow_list_is_configured(
+    control_plane: Any,
+    namespace: str,
+    node_simulator: Any,
+    crds: None,
+    objects: cluster.CustomObjects,
+) -> None:
+    emulator = ModelRunnerEmulator()
+    node_simulator.run(emulator.start("127.0.0.1", 0))
+    try:
+        with OperatorProcess(
+            kubeconfig=control_plane.kubeconfig_path,
+            namespaces=[namespace],
+            extra_args=["--allowed-runner-hosts", f"127.0.0.1:{emulator.port}"],
+        ) as process:
+            objects.create(
+                PLURAL,
+                cluster.dmrmodel("ext", {"model": "ai/smollm2", "runners": {"url": emulator.url}}),
+            )
+            status = objects.wait_phase(PLURAL, "ext", "Ready")["status"]
+            assert status["endpoint"] == f"{emulator.url}/v1"
+            assert status["runners"][0]["pod"] == f"127.0.0.1:{emulator.port}"
+            # Same runner, host not on the list: refused before any call.
+            objects.create(
+                PLURAL,
+                cluster.dmrmodel(
+                    "other", {"model": "ai/smollm2", "runners": {"url": "http://127.0.0.2:1"}}
+                ),
+            )
+            assert (
+                objects.wait_phase(PLURAL, "other", "Failed")["status"]["conditions"][-1]["reason"]
+                == "InvalidSpec"
+            )
+            assert "Traceback" not in process.log()
+    finally:
+        node_simulator.run(emulator.stop())
+    assert len(emulator.calls("POST", CONFIGURE_LLAMA)) == 1
+
+
+def test_duplicate_model_on_the_same_pool_is_a_conflict_on_the_newer_object(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    objects.create(PLURAL, cluster.dmrmodel("first", {"model": "ai/smollm2", "contextSize": 2048}))
+    objects.wait_phase(PLURAL, "first", "Ready")
+    objects.create(PLURAL, cluster.dmrmodel("second", {"model": "smollm2", "contextSize": 8192}))
+    ready = objects.wait_phase(PLURAL, "second", "Failed")["status"]["conditions"][-1]
+    assert ready["reason"] == "Conflict"
+    assert "first" in ready["message"]
+    # The older object keeps the runner: its configuration was never replaced.
+    assert objects.status(PLURAL, "first")["phase"] == "Ready"
+    assert [b["context-size"] for b in bodies(emulators.of(namespace, pod), CONFIGURE_LLAMA)] == [
+        2048
+    ]

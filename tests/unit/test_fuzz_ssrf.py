@@ -113,12 +113,6 @@ def test_arbitrary_urls_never_raise(url: str, allowed: list[str]) -> None:
         assert not address.is_link_local
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported to the lead: external_url_problem parses hosts with ipaddress only, so "
-    "IPv4-mapped IPv6 and inet_aton spellings (hex, decimal, octal) of 169.254.169.254 pass when "
-    "allow-listed verbatim, although getaddrinfo connects them to the metadata address",
-)
 @pytest.mark.parametrize(
     "url",
     [
@@ -132,12 +126,6 @@ def test_other_spellings_of_the_metadata_address_are_refused(url: str) -> None:
     assert runners.external_url_problem(url, _as_allowed(url)) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported to the lead: urlsplit raises ValueError on these, which the CRD pattern "
-    "admits, so target_from_object raises inside the DMRModel event handler instead of "
-    "returning an InvalidSpec problem",
-)
 @pytest.mark.parametrize("url", ["http://[", "http://a:b", "http://0::", "http://[::1"])
 def test_unparseable_urls_are_problems_not_crashes(url: str) -> None:
     target = dmrmodel.target_from_object(

@@ -114,3 +114,19 @@ def test_selector_matching(
     selector: dict[str, Any], labels: dict[str, str], expected: bool
 ) -> None:
     assert selectors.matches(selector, labels) is expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://[::ffff:169.254.169.254]/", "http://0xa9fea9fe/", "http://2852039166/"],
+)
+def test_metadata_address_in_any_spelling_is_refused(url: str) -> None:
+    allowed = [url.split("//")[1].rstrip("/").strip("[]")]
+    assert runners.external_url_problem(url, allowed) is not None
+
+
+async def test_allowed_name_resolving_to_a_refused_address_is_caught_at_call_time() -> None:
+    from dmr_operator.controllers import dmrmodels
+
+    assert await dmrmodels._resolved_address_problem("http://169.254.1.1:12434") is not None
+    assert await dmrmodels._resolved_address_problem("http://127.0.0.1:12434") is None

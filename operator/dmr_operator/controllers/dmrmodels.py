@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -459,6 +461,11 @@ class RunnerWorker:
         if not work and not verify:
             await self._update_readiness_gate(targets)
             return
+        if runner.external and (problem := await _resolved_address_problem(runner.base_url)):
+            for target in targets:
+                self._fail(target, Reason.INVALID_SPEC, problem)
+            state.runner_backoff.failed(settings.failure_backoff, controller.clock())
+            return
         client = modelrunner.ModelRunnerClient(controller.http, runner.base_url)
         try:
             entries = await client.read_configs()
@@ -718,6 +725,22 @@ class RunnerWorker:
             )
         except kube_client.KubeError as error:
             logger.warning("could not set %s on %s: %s", READINESS_GATE, runner.key, error)
+
+
+async def _resolved_address_problem(base_url: str) -> str | None:
+    """Refuse an allowed external host whose name resolves to a link-local/metadata address
+    (DNS rebinding): the name check at admission cannot see where the name points today."""
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 80)
+    except OSError:
+        return None  # unresolvable: the request itself will fail as RunnerUnreachable
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if runner_views.refused_address(address):
+            return f"runners.url host {host!r} resolves to {address}, a refused address"
+    return None
 
 
 def _fingerprint(target: ModelTarget) -> str:

@@ -9,6 +9,7 @@ view and finds the Service that publishes a pool; it does no I/O.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,10 +156,14 @@ def external_url_problem(url: str, allowed_hosts: Iterable[str]) -> str | None:
     """Why ``url`` may not be called, or None when it is allowed.
 
     The operator POSTs to URLs users write, so this is a security boundary: only hosts the
-    operator's administrator listed, never link-local or metadata addresses, no credentials in
-    the URL.
+    operator's administrator listed, never link-local or metadata addresses (in any spelling:
+    IPv4-mapped IPv6, hex, decimal or octal forms), no credentials in the URL.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        return f"runners.url {url!r} is not a valid URL: {error}"
     if parts.scheme not in ("http", "https"):
         return f"runners.url {url!r}: only http and https are allowed"
     if parts.username or parts.password:
@@ -168,19 +173,42 @@ def external_url_problem(url: str, allowed_hosts: Iterable[str]) -> str | None:
         return f"runners.url {url!r}: no host"
     if host in _ALWAYS_REFUSED_HOSTS:
         return f"runners.url host {host!r} is a metadata address and is always refused"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    if address is not None and (
-        address.is_link_local or address.is_multicast or address.is_unspecified
-    ):
-        return f"runners.url host {host!r} is link-local, multicast or unspecified and is refused"
+    address = literal_address(host)
+    if address is not None and refused_address(address):
+        return (
+            f"runners.url host {host!r} is a link-local, metadata, multicast or unspecified "
+            "address and is refused"
+        )
     allowed = {h.strip().lower().rstrip(".") for h in allowed_hosts if h.strip()}
-    host_port = f"{host}:{parts.port}" if parts.port else host
+    host_port = f"{host}:{port}" if port else host
     if host not in allowed and host_port not in allowed:
         return (
             f"runners.url host {host!r} is not on the operator's allowed runner hosts "
             "(--allowed-runner-hosts); ask the cluster administrator to add it"
         )
     return None
+
+
+def literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP a host string denotes by itself, in every spelling a resolver accepts."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        # inet_aton reads what getaddrinfo would: 0xa9fea9fe, 2852039166, 0251.0376.0251.0376.
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError):  # not an address; ValueError: NUL bytes and the like
+        return None
+
+
+def refused_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Addresses the operator never calls, whatever name led to them."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return (
+        address.is_link_local
+        or address.is_multicast
+        or address.is_unspecified
+        or str(address) in _ALWAYS_REFUSED_HOSTS
+    )
