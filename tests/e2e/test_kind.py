@@ -62,7 +62,7 @@ def test_chart_install_and_a_model_ready_on_real_model_runner(kind_cluster: str)
     from dmr_operator.testing import helm
 
     values = {
-        "image": {"repository": IMAGE.split(":", maxsplit=1)[0], "tag": "e2e", "pullPolicy": "Never"},
+        "image": {"repository": "dmr-operator", "tag": "e2e", "pullPolicy": "Never"},
         "runnerPools": [
             {
                 "name": "default",
