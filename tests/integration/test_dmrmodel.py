@@ -506,3 +506,55 @@ def test_duplicate_model_on_the_same_pool_is_a_conflict_on_the_newer_object(
     assert [b["context-size"] for b in bodies(emulators.of(namespace, pod), CONFIGURE_LLAMA)] == [
         2048
     ]
+
+
+def test_pull_and_deletion_policies(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    emulator = emulators.of(namespace, pod)
+    emulator.preload_store("ai/smollm2")
+    # Never: a model in the store is used as is; a missing one is a PullFailed without a pull.
+    objects.create(
+        PLURAL, cluster.dmrmodel("never", {"model": "ai/smollm2", "pullPolicy": "Never"})
+    )
+    objects.create(
+        PLURAL, cluster.dmrmodel("missing", {"model": "ai/qwen3", "pullPolicy": "Never"})
+    )
+    objects.wait_phase(PLURAL, "never", "Ready")
+    wait_for(
+        lambda: (
+            objects.status(PLURAL, "missing").get("conditions", [{}])[0].get("reason")
+            == "PullFailed"
+        ),
+        timeout=10,
+        message="PullFailed for a missing model with pullPolicy Never",
+    )
+    # Always: pulled even though the store has it.
+    objects.create(
+        PLURAL,
+        cluster.dmrmodel(
+            "always", {"model": "ai/qwen3:14B", "pullPolicy": "Always", "deletionPolicy": "Delete"}
+        ),
+    )
+    objects.wait_phase(PLURAL, "always", "Ready")
+    assert pulled(emulator) == ["ai/qwen3:14B"]
+    # Delete: unloaded and removed from the runner's store; Retain: nothing is called.
+    objects.delete(PLURAL, "always")
+    wait_for(lambda: objects.get(PLURAL, "always") is None, timeout=15, message="always gone")
+    assert [r.path for r in emulator.requests if r.method == "DELETE"] == ["/models/ai/qwen3:14B"]
+    objects.patch_spec(PLURAL, "never", {"deletionPolicy": "Retain"})
+    wait_for(
+        lambda: objects.status(PLURAL, "never").get("observedGeneration") == 2,
+        timeout=10,
+        message="the Retain change observed",
+    )
+    before = len(emulator.requests)
+    objects.delete(PLURAL, "never")
+    wait_for(lambda: objects.get(PLURAL, "never") is None, timeout=15, message="never gone")
+    assert not [r for r in emulator.requests[before:] if r.method != "GET"]
