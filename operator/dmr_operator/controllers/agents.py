@@ -503,6 +503,7 @@ class AgentController:
         self.served: dict[str, dict[str, agent_models.ServedModel]] = {}
         self.workloads: dict[tuple[str, str], Mapping[str, Any]] = {}  # (kind, "ns/name")
         self.pods: dict[str, dict[str, agent_status.PodFacts]] = {}  # "ns/agent" -> pod -> facts
+        self._primed_namespaces: set[str] = set()
         self.writes = 0
         self.queue = WorkQueue(
             self.reconcile,
@@ -605,8 +606,10 @@ class AgentController:
         state = self.agents.get(key)
         if state is None:
             return
-        agent = state.body
         namespace, name = key.split("/", 1)
+        if not state.seen:
+            await self._prime(key, namespace, name)
+        agent = state.body
         others = {
             other.split("/", 1)[1]: s.endpoints
             for other, s in self.agents.items()
@@ -643,6 +646,41 @@ class AgentController:
             # The first look after a start: says whether the cluster was already up to date.
             state.seen = True
             logger.info("agent %s: %s", key, "reconciled" if any(wrote) else "in sync")
+
+    async def _prime(self, key: str, namespace: str, name: str) -> None:
+        """Read what the first reconcile depends on, whatever the watches delivered so far.
+
+        After an operator start, kopf's watches of Agents, DMRModels, workloads and pods arrive
+        in any order: planning before the namespace's DMRModels are known would apply a
+        configuration without models (scaling the agent to 0) and write a status of 0 ready pods,
+        only to undo both a moment later. Reads only, once per Agent (and per namespace).
+        """
+        if namespace not in self._primed_namespaces:
+            listing = await self.kube.request(
+                "GET",
+                f"/apis/{constants.API_VERSION}/namespaces/{namespace}/{constants.DMRMODEL_PLURAL}",
+            )
+            served = self.served.setdefault(namespace, {})
+            for item in (listing or {}).get("items") or ():
+                served.setdefault(str(item["metadata"]["name"]), served_model(item))
+            self._primed_namespaces.add(namespace)
+        listing = await self.kube.request(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/pods",
+            params={"labelSelector": f"{constants.AGENT_LABEL}={name}"},
+        )
+        pods = self.pods.setdefault(key, {})
+        for item in (listing or {}).get("items") or ():
+            if not item["metadata"].get("deletionTimestamp"):
+                facts = pod_facts(item)
+                pods.setdefault(facts.name, facts)
+        for kind in WORKLOAD_KINDS:
+            if (kind, key) not in self.workloads:
+                live = await self.kube.get(
+                    api_version=_APPS, kind=kind, namespace=namespace, name=name
+                )
+                if live is not None:
+                    self.workloads[(kind, key)] = live
 
     async def _ensure_child(self, state: _AgentState, child: dict[str, Any], digest: str) -> bool:
         """Apply the child unless it is known (or found) to be applied already; True = wrote."""
