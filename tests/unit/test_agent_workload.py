@@ -149,8 +149,8 @@ def test_sidecar_gets_gpus_readiness_gate_and_private_pool() -> None:
     assert runner["image"] == "docker/model-runner:latest-cuda"
     assert runner["ports"] == [{"name": "dmr", "containerPort": 12434, "protocol": "TCP"}]
     assert runner["resources"] == {
-        "limits": {"memory": "8Gi", "nvidia.com/gpu": 1},
-        "requests": {"nvidia.com/gpu": 1},
+        "limits": {"memory": "8Gi", "nvidia.com/gpu": "1"},
+        "requests": {"nvidia.com/gpu": "1"},
     }
     assert {"name": "DO_NOT_TRACK", "value": "1"} in runner["env"]
     assert runner["readinessProbe"]["httpGet"] == {"path": "/engines/status", "port": "dmr"}

@@ -217,7 +217,12 @@ def plan_agent(
     config_hash = agent_config.config_hash(rendered_config=rendered, spec=spec)
     kind = agent_workload.workload_kind(spec)
     workload = workloads.get(kind) or {}
-    desired = agent_workload.desired_replicas(spec, models_ready=resolution.all_ready)
+    # Pool mode holds an Agent at 0 replicas until its models are Ready the first time. Once it
+    # serves, a DMRModel leaving Ready for a re-configuration (a spec change) must not take the
+    # agent down: the gate stays open and status shows ModelsReady=False meanwhile.
+    serving = int((workload.get("spec") or {}).get("replicas") or 0) > 0
+    gate_open = resolution.all_ready or serving
+    desired = agent_workload.desired_replicas(spec, models_ready=gate_open)
     raw_children = [
         agent_workload.render_configmap(agent=name, namespace=namespace, rendered_config=rendered),
         agent_workload.render_workload(
@@ -225,7 +230,7 @@ def plan_agent(
             namespace=namespace,
             spec=spec,
             config_hash=config_hash,
-            models_ready=resolution.all_ready,
+            models_ready=gate_open,
         ),
         agent_workload.render_service(agent=name, namespace=namespace),
     ]
@@ -266,8 +271,8 @@ def plan_agent(
 def _quantities_as_strings(workload: dict[str, Any]) -> None:
     """Resource quantities as strings: server-side apply's typed patch rejects bare numbers.
 
-    agent_workload renders the sidecar's GPU count as an int (``nvidia.com/gpu: 1``); a strategic
-    merge patch would take it, server-side apply answers 500 "expected string".
+    Users write ``cpu: 1`` in an Agent's resources; a strategic merge patch would take it,
+    server-side apply answers 500 "expected string".
     """
     for container in workload["spec"]["template"]["spec"]["containers"]:
         for section in (container.get("resources") or {}).values():
@@ -586,6 +591,18 @@ class AgentController:
         if not pods:
             self.pods.pop(agent, None)
         if changed and agent in self.agents:
+            self.queue.add(agent)
+
+    def configmap_changed(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        """Someone edited or deleted an Agent's rendered config: apply ours again.
+
+        Our own apply echoes here too; the re-apply is then identical, changes nothing on the
+        server and raises no further event, so this never loops.
+        """
+        agent = _agent_key_of(body)
+        state = self.agents.get(agent) if agent else None
+        if state is not None and agent is not None:
+            state.applied.pop(("ConfigMap", str(body["metadata"]["name"])), None)
             self.queue.add(agent)
 
     def service_changed(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:

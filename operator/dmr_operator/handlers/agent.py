@@ -49,3 +49,8 @@ async def agent_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> No
 @kopf.on.event("", "v1", "services", labels=_AGENT_CHILD)
 async def agent_service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo.agents.service_changed(event["object"], deleted=_deleted(event))
+
+
+@kopf.on.event("", "v1", "configmaps", labels=_AGENT_CHILD)
+async def agent_configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.agents.configmap_changed(event["object"], deleted=_deleted(event))

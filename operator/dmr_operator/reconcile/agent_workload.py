@@ -303,7 +303,8 @@ def _gpu_resources(runner: agent_api.AgentRunner) -> dict[str, Any]:
     if runner.gpus is not None:
         # Extended resources must have requests equal to limits; setting both says so plainly.
         for section in ("limits", "requests"):
-            resources.setdefault(section, {})[runner.gpus.resource] = runner.gpus.count
+            # A quantity is a string on the wire; server-side apply refuses a bare number.
+            resources.setdefault(section, {})[runner.gpus.resource] = str(runner.gpus.count)
     return resources
 
 
