@@ -121,6 +121,16 @@ def test_pool_agent_waits_at_zero_replicas_then_scales() -> None:
     assert changed.hashes[1] != ready.hashes[1] and changed.hashes[2] == ready.hashes[2]
 
 
+def test_serving_pool_agent_stays_up_while_its_model_reconfigures() -> None:
+    serving = {"Deployment": {"spec": {"replicas": 2}, "status": {"readyReplicas": 2}}}
+    reconfiguring = plan(
+        agent(replicas=2), dmrmodel("qwen", phase="Configuring"), workloads=serving
+    )
+    assert reconfiguring.desired_replicas == 2
+    models_ready = next(c for c in reconfiguring.status["conditions"] if c["type"] == "ModelsReady")
+    assert models_ready["status"] == "False"
+
+
 def test_children_are_owned_labelled_and_hashed() -> None:
     result = plan(agent(), dmrmodel("qwen"))
     for child, digest in zip(result.children, result.hashes, strict=True):
