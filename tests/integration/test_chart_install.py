@@ -70,28 +70,16 @@ def install(api_client: Any, namespace: str) -> Iterator[Any]:
     """Installs the chart as release ``namespace`` into ``namespace``; removes what it made."""
     applier = manifests.Applier(api_client, field_manager="helm")
     installed: list[Installed] = []
-    volumes: list[str] = []
-    core: Any = kubernetes.client.CoreV1Api(api_client)
+    volumes: list[dict[str, Any]] = []
 
     def run(values: dict[str, Any]) -> Installed:
         rendered = helm.render_chart(
             CHART, values=values, release=namespace, namespace=namespace, include_crds=True
         )
         objects = helm.sort_for_install(rendered)
-        # No storage provisioner here: one volume per pool replica for its claim to bind to
-        # (nothing ever mounts it; the emulator keeps its store in memory).
-        volume = f"{namespace}-models-0"
-        core.create_persistent_volume(
-            {
-                "metadata": {"name": volume},
-                "spec": {
-                    "capacity": {"storage": POOL_STORAGE},
-                    "accessModes": ["ReadWriteOnce"],
-                    "hostPath": {"path": f"/nonexistent/{volume}"},
-                },
-            }
-        )
-        volumes.append(volume)
+        # No storage provisioner here: one volume for the pool replica's claim.
+        volumes.append(manifests.placeholder_volume(f"{namespace}-models-0", size=POOL_STORAGE))
+        applier.apply(volumes[-1])
         applier.apply_all(objects, namespace=namespace)
         account = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
         installed.append(Installed(namespace, objects, account))
@@ -106,7 +94,7 @@ def install(api_client: Any, namespace: str) -> Iterator[Any]:
                     applier.delete(obj)
     for volume in volumes:
         with contextlib.suppress(kubernetes.client.ApiException):
-            core.delete_persistent_volume(volume)
+            applier.delete(volume)
 
 
 def service_account_token(api_client: Any, namespace: str, name: str) -> str:

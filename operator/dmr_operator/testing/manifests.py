@@ -23,12 +23,38 @@ FIELD_MANAGER = "dmr-manifests"
 CRD_ESTABLISH_TIMEOUT = 30.0
 
 
-def load_directory(directory: Path) -> list[dict[str, Any]]:
-    """Every document of every ``*.yaml`` file in ``directory``, files in name order."""
-    documents: list[dict[str, Any]] = []
-    for path in sorted(directory.glob("*.yaml")):
-        documents.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
-    return documents
+def load_file(path: Path) -> list[dict[str, Any]]:
+    """The YAML documents of one file, empty documents left out."""
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def load_directory(directory: Path, *, exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """The documents of every ``*.yaml`` file in ``directory`` but ``exclude``, in name order."""
+    skipped = set(exclude)
+    return [
+        document
+        for path in sorted(directory.glob("*.yaml"))
+        if path.name not in skipped
+        for document in load_file(path)
+    ]
+
+
+def placeholder_volume(name: str, *, size: str) -> dict[str, Any]:
+    """A PersistentVolume for one claim to bind to where no storage provisioner runs.
+
+    The local control plane has none, so a StatefulSet's volumeClaimTemplates would leave its
+    pods Pending. Nothing ever mounts it: simulated pods have no filesystem.
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": name, "labels": {"dmr.dev/placeholder-volume": "true"}},
+        "spec": {
+            "capacity": {"storage": size},
+            "accessModes": ["ReadWriteOnce"],
+            "hostPath": {"path": f"/nonexistent/{name}"},
+        },
+    }
 
 
 class Applier:
