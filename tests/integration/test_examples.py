@@ -41,6 +41,18 @@ def sidecar_store_sizes() -> list[str]:
     ]
 
 
+def sidecar_models() -> set[str]:
+    """The DMRModels that Sidecar Agents configure on their own runners."""
+    return {
+        model["dmrModel"]
+        for _, obj in example_objects()
+        if obj["kind"] == constants.AGENT_KIND
+        and (obj["spec"].get("runner") or {}).get("mode") == "Sidecar"
+        for model in obj["spec"]["config"].get("models", {}).values()
+        if "dmrModel" in model
+    }
+
+
 @pytest.fixture
 def placeholder_volumes(api_client: Any, namespace: str) -> Any:
     """A volume for each Sidecar Agent's persistent model store (no provisioner here)."""
@@ -81,4 +93,6 @@ def test_every_example_applies_and_becomes_ready(
     for name in applied[constants.DMRMODEL_KIND]:
         status = objects.status(constants.DMRMODEL_PLURAL, name)
         assert status["endpoint"] == f"http://{pool_service}.{namespace}.svc:80/v1"
-        assert status["runnersSummary"] == "1/1"
+        # The pool's runner, plus the Sidecar Agent's own for the model it uses.
+        runners = 1 + (name in sidecar_models())
+        assert status["runnersSummary"] == f"{runners}/{runners}", name
