@@ -256,10 +256,14 @@ def plan_agent(
         previous_conditions=previous.get("conditions"),
         now=now,
     )
+    if config_problems or env_problems:
+        # Nothing is rolled out from a config docker-agent would refuse, and a literal secret
+        # must never reach a ConfigMap: the children stay as they were until the spec is fixed.
+        owned = []
     return AgentPlan(
         children=tuple(body for body, _ in owned),
         hashes=tuple(digest for _, digest in owned),
-        workload_kind=kind,
+        workload_kind=kind if owned else None,
         desired_replicas=desired,
         sidecar_pool=pool,
         sidecar_models=tuple(resolution.served_names()) if sidecar else (),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from typing import Any, Final, Literal
 
 from dmr_operator import constants
@@ -95,7 +96,8 @@ def workload_kind(spec: agent_api.AgentSpec) -> WorkloadKind:
 
 
 def env_problems(spec: agent_api.AgentSpec) -> list[str]:
-    """Secrets must come by reference: a literal value under a secret-looking name is refused."""
+    """Secrets must come by reference: a literal value under a secret-looking name is refused,
+    in ``env`` and anywhere in the docker-agent config (which is stored in a ConfigMap)."""
     problems = []
     for index, variable in enumerate(spec.env):
         name = str(variable.get("name", ""))
@@ -104,7 +106,35 @@ def env_problems(spec: agent_api.AgentSpec) -> list[str]:
                 f"env[{index}] {name}: literal value for a secret-looking variable; use "
                 f"valueFrom.secretKeyRef (or envFrom.secretRef) so the value stays in a Secret"
             )
+    problems.extend(
+        f"config.{path}: a literal secret in the configuration, which is stored in a ConfigMap; "
+        "put it in a Secret, pass it with env/envFrom and write ${env.NAME} here"
+        for path in _literal_secrets(spec.config)
+    )
     return problems
+
+
+# A value that only names an environment variable (docker-agent's token_key) or refers to one.
+_ENV_REFERENCE: Final = re.compile(r"^(?:[A-Z_][A-Z0-9_]*|\$\{[^}]+\}|\$[A-Za-z_][A-Za-z0-9_]*)$")
+
+
+def _literal_secrets(value: Any, path: str = "") -> list[str]:
+    found: list[str] = []
+    if isinstance(value, Mapping):
+        for key, child in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if (
+                isinstance(child, str)
+                and child
+                and _SECRET_NAME.search(str(key))
+                and not _ENV_REFERENCE.match(child)
+            ):
+                found.append(where)
+            found.extend(_literal_secrets(child, where))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            found.extend(_literal_secrets(child, f"{path}[{index}]"))
+    return found
 
 
 def _metadata(name: str, namespace: str, agent: str) -> dict[str, Any]:
