@@ -102,10 +102,8 @@ def test_plain_pool_matches_the_charts_cpu_pool() -> None:
     )
     assert plain["Service"]["metadata"]["name"] == chart_service["metadata"]["name"]
     assert plain["Service"]["spec"]["selector"] == {constants.POOL_LABEL: constants.DEFAULT_POOL}
-    ports = [
-        {k: p[k] for k in ("name", "port", "targetPort")} for p in chart_service["spec"]["ports"]
-    ]
-    assert plain["Service"]["spec"]["ports"] == ports
+    # protocol included: server-side apply on Kubernetes < 1.21 refuses ports without it.
+    assert plain["Service"]["spec"]["ports"] == chart_service["spec"]["ports"]
 
     template = plain["StatefulSet"]["spec"]["template"]
     assert template["metadata"]["labels"][constants.POOL_LABEL] == constants.DEFAULT_POOL
@@ -115,9 +113,7 @@ def test_plain_pool_matches_the_charts_cpu_pool() -> None:
         assert container[key] == chart_container[key], key
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == chart_container[probe]["httpGet"]
-    assert container["ports"] == [
-        {"name": constants.RUNNER_PORT_NAME, "containerPort": constants.RUNNER_PORT}
-    ]
+    assert container["ports"] == chart_container["ports"]
     chart_pod_security = chart_statefulset["spec"]["template"]["spec"]["securityContext"]
     pod_security = template["spec"]["securityContext"]
     assert pod_security.items() <= chart_pod_security.items()
