@@ -204,24 +204,34 @@ class DMRModelController:
         namespaces, self._dirty_namespaces = self._dirty_namespaces, set()
         if not namespaces:
             return
-        claims: dict[str, tuple[ModelTarget, frozenset[str]]] = {}
+        # Only same-identity targets can conflict: grouping first keeps this linear in the number
+        # of DMRModels (find_conflicts compares pairs), which matters at a thousand objects.
+        claims: dict[
+            tuple[str, tuple[str, str, str]], dict[str, tuple[ModelTarget, frozenset[str]]]
+        ] = {}
         for key, target in self.targets.items():
             if target.namespace not in namespaces:
                 continue
             selected = self._select_runners(target)
-            old = {r.key for r in self._assignment.get(key, [])}
+            previous = self._assignment.get(key)
             self._assignment[key] = selected
-            claims[key] = (target, frozenset(r.key for r in selected))
-            if old != {r.key for r in selected}:
+            group = claims.setdefault((target.namespace, target.identity), {})
+            group[key] = (target, frozenset(r.key for r in selected))
+            if previous != selected:
+                old = {r.key for r in previous or ()}
                 for stale in old - {r.key for r in selected}:
                     self.placements.pop((key, stale), None)
-            self.status.mark(key)
+                # Status depends on the runners selected; unchanged ones need no recompute.
+                self.status.mark(key)
         for key in [k for k in self._assignment if k not in self.targets]:
             del self._assignment[key]
-        conflicts = dmrmodel.find_conflicts(claims)
-        for key in claims:
-            self.conflicts.pop(key, None)
-        self.conflicts.update(conflicts)
+        for group in claims.values():
+            conflicts = dmrmodel.find_conflicts(group) if len(group) > 1 else {}
+            for key in group:
+                if self.conflicts.get(key) != conflicts.get(key):
+                    self.status.mark(key)
+                self.conflicts.pop(key, None)
+            self.conflicts.update(conflicts)
         self._sync_workers()
 
     def _select_runners(self, target: ModelTarget) -> list[runner_views.Runner]:
@@ -352,6 +362,24 @@ class DMRModelController:
             await self.status.event(body, "Warning", "CleanupFailed", problem + "; released anyway")
         return problems
 
+    async def seed(self, namespaces: Iterable[str]) -> None:
+        """Load runner pods and Services once before kopf's watches deliver them.
+
+        Watches start in no particular order: without this, a restarted operator could compute a
+        DMRModel's status before it knows the pool's pods (``NoRunners``) or Service (no endpoint)
+        and write a wrong status for a moment.
+        """
+        scopes = [f"/api/v1/namespaces/{ns}" for ns in namespaces] or ["/api/v1"]
+        for scope in scopes:
+            pods = await self.kube.request(
+                "GET", f"{scope}/pods", params={"labelSelector": constants.POOL_LABEL}
+            )
+            for pod in (pods or {}).get("items") or ():
+                self.pod_changed(pod)
+            services = await self.kube.request("GET", f"{scope}/services")
+            for service in (services or {}).get("items") or ():
+                self.service_changed(service)
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -452,6 +480,11 @@ class RunnerWorker:
                     placement.configured_at = None
                     controller.status.mark(target.key)
         if state.runner_backoff.retry_at > now:
+            # Backing off an unreachable runner: a model newly assigned to it learns why now.
+            for target in targets:
+                if not controller.placement(target, runner).visited:
+                    self._fail(target, Reason.RUNNER_UNREACHABLE, "runner unreachable; retrying")
+            self._mark_visited(targets)
             return
         wanted = {t.key for t in targets}
         for key in [k for k in state.applied if k not in wanted]:
@@ -459,6 +492,7 @@ class RunnerWorker:
         work = [t for t in targets if self._needs_work(t, now)]
         verify = now >= state.next_verify
         if not work and not verify:
+            self._mark_visited(targets)
             await self._update_readiness_gate(targets)
             return
         if runner.external and (problem := await _resolved_address_problem(runner.base_url)):
@@ -492,7 +526,15 @@ class RunnerWorker:
             delay = state.runner_backoff.failed(settings.unreachable_backoff, controller.clock())
             for target in targets:
                 self._fail(target, Reason.RUNNER_UNREACHABLE, f"{error} (retry in {delay:.0f}s)")
+        self._mark_visited(targets)
         await self._update_readiness_gate(targets)
+
+    def _mark_visited(self, targets: list[ModelTarget]) -> None:
+        for target in targets:
+            placement = self.controller.placement(target, self.runner)
+            if not placement.visited:
+                placement.visited = True
+                self.controller.status.mark(target.key)
 
     def _needs_work(self, target: ModelTarget, now: float) -> bool:
         applied = self.state.applied.get(target.key)
@@ -822,6 +864,8 @@ class StatusWriter:
             return None
         runners = controller.runners_for(key)
         placements = [controller.placement(target, r) for r in runners]
+        if not all(p.visited for p in placements):
+            return None  # a runner's worker has not reported yet; it marks us when it has
         return dmrmodel.model_status(
             target,
             placements,
