@@ -33,6 +33,7 @@ class RunOptions:
     verify_interval: float = 60.0
     allowed_runner_hosts: tuple[str, ...] = ()
     metrics_port: int | None = None
+    namespaces: tuple[str, ...] = ()
 
 
 OPTIONS = RunOptions()
@@ -97,6 +98,7 @@ def run_command(args: argparse.Namespace) -> int:
             h.strip() for h in str(args.allowed_runner_hosts).split(",") if h.strip()
         ),
         metrics_port=args.metrics_port,
+        namespaces=tuple(args.namespace),
     )
     kopf.configure(
         verbose=args.verbose,
@@ -199,6 +201,7 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any, logger: Any, **
             allowed_runner_hosts=OPTIONS.allowed_runner_hosts,
         ),
     )
+    await memo.dmrmodels.seed(OPTIONS.namespaces)
     memo.dmrmodels.start()
     memo.agents = agents.AgentController(kube=memo.kube, dmrmodels=memo.dmrmodels)
     memo.agents.start()

@@ -22,7 +22,7 @@ import yaml
 
 from dmr_operator import constants
 from dmr_operator.reconcile import agent_workload
-from dmr_operator.testing import cluster, emulator_state
+from dmr_operator.testing import cluster, emulator_state, podsecurity
 from dmr_operator.testing.emulator import ModelRunnerEmulator
 from dmr_operator.testing.operatorprocess import OperatorProcess
 from dmr_operator.testing.waiting import wait_for
@@ -208,6 +208,7 @@ def test_two_agent_config_is_ready_with_the_golden_rendering_and_quiet_after_res
     assert deployment.spec.replicas == 1
     uid = ready["metadata"]["uid"]
     service = core.read_namespaced_service("team", namespace)
+    assert_restricted(core, namespace, "team")
     for child in (configmap, deployment, service):
         assert owner_uids(child) == [uid]
         assert child.metadata.labels[constants.AGENT_LABEL] == "team"
@@ -301,6 +302,18 @@ def test_sidecar_agent_wanting_more_gpus_than_the_nodes_have(
         assert [r.body["model"] for r in runner.calls("POST", CONFIGURE_LLAMA)] == ["ai/qwen3:0.6B"]
     reasons = {e.reason for e in cluster.events_for(core.api_client, namespace, "gpu")}
     assert "Unschedulable" in reasons
+    assert_restricted(core, namespace, "gpu")
+
+
+def assert_restricted(core: Any, namespace: str, agent_name: str) -> None:
+    """Pods the operator's workloads create meet the "restricted" Pod Security Standard."""
+    pods = core.list_namespaced_pod(
+        namespace, label_selector=f"{constants.AGENT_LABEL}={agent_name}"
+    )
+    assert pods.items
+    for pod in pods.items:
+        spec = core.api_client.sanitize_for_serialization(pod)["spec"]
+        assert podsecurity.check_restricted(spec) == [], pod.metadata.name
 
 
 def pool_agent(

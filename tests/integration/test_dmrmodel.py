@@ -133,8 +133,12 @@ def test_every_option_on_a_three_replica_pool(
         "Configured": "True",
         "Ready": "True",
     }
-    reasons = [e.reason for e in cluster.events_for(api_client, namespace, "qwen")]
-    assert reasons.count("Configured") == 3 and "Pulled" in reasons
+
+    def reasons() -> list[str]:
+        return [e.reason for e in cluster.events_for(api_client, namespace, "qwen")]
+
+    wait_for(lambda: reasons().count("Configured") == 3, timeout=5, message="3 Configured events")
+    assert "Pulled" in reasons()
 
 
 def test_runner_restart_is_reconfigured_without_a_spec_change(

@@ -493,6 +493,8 @@ class _AgentState:
     endpoints: frozenset[str] = frozenset()
     seen: bool = False
     """Reconciled at least once by this process."""
+    config_data: dict[str, Any] | None = None
+    """The ConfigMap data last applied or found in sync (to tell a foreign edit from an echo)."""
 
 
 class AgentController:
@@ -600,12 +602,15 @@ class AgentController:
     def configmap_changed(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         """Someone edited or deleted an Agent's rendered config: apply ours again.
 
-        Our own apply echoes here too; the re-apply is then identical, changes nothing on the
-        server and raises no further event, so this never loops.
+        Compared with the data this process applied or found in sync, so the echo of our own
+        apply (and the initial listing after a restart) is no change.
         """
         agent = _agent_key_of(body)
         state = self.agents.get(agent) if agent else None
-        if state is not None and agent is not None:
+        if state is None or agent is None:
+            return
+        ours = state.config_data
+        if deleted or (ours is not None and dict(body.get("data") or {}) != ours):
             state.applied.pop(("ConfigMap", str(body["metadata"]["name"])), None)
             self.queue.add(agent)
 
@@ -708,6 +713,8 @@ class AgentController:
         kind, metadata = str(child["kind"]), child["metadata"]
         child_key = (kind, str(metadata["name"]))
         remembered = state.applied.get(child_key)
+        if kind == "ConfigMap":
+            state.config_data = dict(child.get("data") or {})
         if remembered == digest:
             return False
         if remembered is None:

@@ -362,6 +362,24 @@ class DMRModelController:
             await self.status.event(body, "Warning", "CleanupFailed", problem + "; released anyway")
         return problems
 
+    async def seed(self, namespaces: Iterable[str]) -> None:
+        """Load runner pods and Services once before kopf's watches deliver them.
+
+        Watches start in no particular order: without this, a restarted operator could compute a
+        DMRModel's status before it knows the pool's pods (``NoRunners``) or Service (no endpoint)
+        and write a wrong status for a moment.
+        """
+        scopes = [f"/api/v1/namespaces/{ns}" for ns in namespaces] or ["/api/v1"]
+        for scope in scopes:
+            pods = await self.kube.request(
+                "GET", f"{scope}/pods", params={"labelSelector": constants.POOL_LABEL}
+            )
+            for pod in (pods or {}).get("items") or ():
+                self.pod_changed(pod)
+            services = await self.kube.request("GET", f"{scope}/services")
+            for service in (services or {}).get("items") or ():
+                self.service_changed(service)
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -462,6 +480,11 @@ class RunnerWorker:
                     placement.configured_at = None
                     controller.status.mark(target.key)
         if state.runner_backoff.retry_at > now:
+            # Backing off an unreachable runner: a model newly assigned to it learns why now.
+            for target in targets:
+                if not controller.placement(target, runner).visited:
+                    self._fail(target, Reason.RUNNER_UNREACHABLE, "runner unreachable; retrying")
+            self._mark_visited(targets)
             return
         wanted = {t.key for t in targets}
         for key in [k for k in state.applied if k not in wanted]:
@@ -469,6 +492,7 @@ class RunnerWorker:
         work = [t for t in targets if self._needs_work(t, now)]
         verify = now >= state.next_verify
         if not work and not verify:
+            self._mark_visited(targets)
             await self._update_readiness_gate(targets)
             return
         if runner.external and (problem := await _resolved_address_problem(runner.base_url)):
@@ -502,7 +526,15 @@ class RunnerWorker:
             delay = state.runner_backoff.failed(settings.unreachable_backoff, controller.clock())
             for target in targets:
                 self._fail(target, Reason.RUNNER_UNREACHABLE, f"{error} (retry in {delay:.0f}s)")
+        self._mark_visited(targets)
         await self._update_readiness_gate(targets)
+
+    def _mark_visited(self, targets: list[ModelTarget]) -> None:
+        for target in targets:
+            placement = self.controller.placement(target, self.runner)
+            if not placement.visited:
+                placement.visited = True
+                self.controller.status.mark(target.key)
 
     def _needs_work(self, target: ModelTarget, now: float) -> bool:
         applied = self.state.applied.get(target.key)
@@ -832,6 +864,9 @@ class StatusWriter:
             return None
         runners = controller.runners_for(key)
         placements = [controller.placement(target, r) for r in runners]
+        serving = target.valid and key not in controller.conflicts
+        if serving and not all(p.visited for p in placements):
+            return None  # a runner's worker has not reported yet; it marks us when it has
         return dmrmodel.model_status(
             target,
             placements,

@@ -19,8 +19,10 @@ Choices, and why:
   runner sockets in its working directory (``/app`` in the image, not writable by another UID),
   so the sidecar's workingDir is a writable emptyDir; binaries are found through absolute paths.
 - Persistent sidecar storage needs a claim per pod, which only a StatefulSet's
-  volumeClaimTemplates give; the claims are deleted with the StatefulSet (retention policy) so
-  deleting the Agent leaves nothing behind. Without ``storage.size`` it is a Deployment with an
+  volumeClaimTemplates give; like any StatefulSet's claims they outlive it (the retention-policy
+  field is refused by Kubernetes before 1.23), so pulled models survive an Agent's re-creation
+  and are removed with ``kubectl delete pvc -l dmr.dev/agent=NAME``. Without ``storage.size`` it
+  is a Deployment with an
   emptyDir store (models pulled again whenever a pod is replaced).
 """
 
@@ -379,7 +381,6 @@ def _statefulset_fields(agent: str, storage: agent_api.SidecarStorage) -> dict[s
         "serviceName": agent,
         "podManagementPolicy": "Parallel",
         "updateStrategy": {"type": "RollingUpdate"},
-        "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Retain"},
         "volumeClaimTemplates": [
             {"metadata": {"name": "models", "labels": labels(agent)}, "spec": claim_spec}
         ],

@@ -299,6 +299,9 @@ class Placement:
     backend: str | None = None
     config_hash: str | None = None
     effective: Mapping[str, Any] | None = field(default=None)
+    visited: bool = False
+    """A runner worker has looked at this pair since the operator started: until then the
+    placement says nothing, and status is not written from it (no flapping after a restart)."""
 
 
 def model_status(
