@@ -8,9 +8,12 @@ Override ``pod_process_factory`` in a test module to choose what runs behind sim
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import kubernetes
@@ -89,22 +92,67 @@ def crds(api_client: Any) -> None:
     cluster.apply_crds(api_client)
 
 
+CHART = Path(__file__).parents[2] / "charts" / "dmr-operator"
+RBAC_NAMESPACE = "dmr-rbac"
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(
+    control_plane: controlplane.ControlPlane, api_client: Any, crds: None
+) -> Path:
+    """A kubeconfig with exactly the chart's rights: its ServiceAccount, ClusterRole and binding.
+
+    Every operator the integration tests start uses it, so the whole suite proves the chart's
+    least-privilege RBAC is enough (kube-apiserver runs with the RBAC authorizer).
+    """
+    from dmr_operator.testing import helm, manifests
+
+    rendered = helm.render_chart(
+        CHART,
+        values={"replicaCount": 0, "crds": {"install": False}},
+        release="dmr",
+        namespace=RBAC_NAMESPACE,
+    )
+    rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+    objects = [o for o in helm.sort_for_install(rendered) if o["kind"] in rbac_kinds]
+    core: Any = kubernetes.client.CoreV1Api(api_client)
+    with contextlib.suppress(kubernetes.client.ApiException):
+        core.create_namespace({"metadata": {"name": RBAC_NAMESPACE}})
+    manifests.Applier(api_client, field_manager="helm").apply_all(objects, namespace=RBAC_NAMESPACE)
+    account = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
+
+    def token_secret() -> str | None:
+        found = core.read_namespaced_service_account(account, RBAC_NAMESPACE)
+        return next((ref.name for ref in found.secrets or ()), None)
+
+    secret_name = wait_for(
+        token_secret,
+        timeout=30,
+        message=f"a token for {account}",
+        ignore=(kubernetes.client.ApiException,),
+    )
+    secret = core.read_namespaced_secret(secret_name, RBAC_NAMESPACE)
+    token = base64.b64decode(secret.data["token"]).decode()
+    return control_plane.kubeconfig_for_token(
+        token, control_plane.work_dir / "operator-kubeconfig", user=account
+    )
+
+
 @pytest.fixture
-def operator(
-    control_plane: controlplane.ControlPlane, namespace: str, crds: None
-) -> Iterator[OperatorProcess]:
+def operator(operator_kubeconfig: Path, namespace: str) -> Iterator[OperatorProcess]:
     """The operator as its own process, watching only this test's namespace.
 
     Verify interval 2 s so periodic read-backs happen within a test; the log tail is printed at
     teardown (pytest shows it for failed tests).
     """
     process = OperatorProcess(
-        kubeconfig=control_plane.kubeconfig_path, namespaces=[namespace], verify_interval=2
+        kubeconfig=operator_kubeconfig, namespaces=[namespace], verify_interval=2
     )
     process.start()
     yield process
     process.stop()
     print(f"--- operator log (tail) ---\n{process.log_tail(40)}")
+    assert "Forbidden" not in process.log(), "the operator needed a right the chart lacks"
 
 
 @pytest.fixture

@@ -164,7 +164,7 @@ def resource_versions(
 
 def test_two_agent_config_is_ready_with_the_golden_rendering_and_quiet_after_restart(
     api_client: Any,
-    control_plane: Any,
+    operator_kubeconfig: Any,
     namespace: str,
     node_simulator: Any,
     operator: OperatorProcess,
@@ -225,7 +225,7 @@ def test_two_agent_config_is_ready_with_the_golden_rendering_and_quiet_after_res
     before = resource_versions(core, apps, objects, namespace, "team")
     operator.stop()
     with OperatorProcess(
-        kubeconfig=control_plane.kubeconfig_path, namespaces=[namespace], verify_interval=2
+        kubeconfig=operator_kubeconfig, namespaces=[namespace], verify_interval=2
     ) as restarted:
         wait_for(
             lambda: "agent " + f"{namespace}/team: in sync" in restarted.log(),

@@ -452,7 +452,7 @@ def test_steady_state_costs_no_writes_and_no_configure_calls(
 
 
 def test_external_runner_on_the_allow_list_is_configured(
-    control_plane: Any,
+    operator_kubeconfig: Any,
     namespace: str,
     node_simulator: Any,
     crds: None,
@@ -462,7 +462,7 @@ def test_external_runner_on_the_allow_list_is_configured(
     node_simulator.run(emulator.start("127.0.0.1", 0))
     try:
         with OperatorProcess(
-            kubeconfig=control_plane.kubeconfig_path,
+            kubeconfig=operator_kubeconfig,
             namespaces=[namespace],
             extra_args=["--allowed-runner-hosts", f"127.0.0.1:{emulator.port}"],
         ) as process:
