@@ -7,9 +7,11 @@ shared client, status writes and phases by the controllers. ``serve`` exposes th
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator, Mapping
 
 import httpx
 import prometheus_client
+from prometheus_client.core import GaugeMetricFamily
 
 RUNNER_REQUESTS = prometheus_client.Counter(
     "dmr_operator_runner_requests",
@@ -26,11 +28,28 @@ RECONCILE_SECONDS = prometheus_client.Histogram(
     "Duration of one runner worker pass (read-back, pulls, configures, verification).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-MODELS = prometheus_client.Gauge(
-    "dmr_operator_models",
-    "DMRModels known to the operator, by phase.",
-    ["phase"],
-)
+
+
+class _ModelsByPhase:
+    """``dmr_operator_models{phase}``: read from the controller at scrape time, so it is right
+    after a restart and after deletions without bookkeeping."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[str, int]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "dmr_operator_models",
+            "DMRModels by phase (Ready = configured and verified on every runner).",
+            labels=["phase"],
+        )
+        for phase, count in sorted((self.source() if self.source else {}).items()):
+            family.add_metric([phase], count)
+        yield family
+
+
+MODELS = _ModelsByPhase()
+prometheus_client.REGISTRY.register(MODELS)
 
 # Model references and backends appear in paths; collapse them so label cardinality is bounded.
 _ROUTES = (

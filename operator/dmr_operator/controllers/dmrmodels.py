@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from dmr_operator import constants
+from dmr_operator import constants, metrics
 from dmr_operator.clients import kube as kube_client
 from dmr_operator.clients import modelrunner
 from dmr_operator.dmr import references, wire
@@ -383,7 +383,15 @@ class DMRModelController:
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        metrics.MODELS.source = self.phase_counts
         self.status.start()
+
+    def phase_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for body in list(self.bodies.values()):
+            phase = str((body.get("status") or {}).get("phase") or "Pending")
+            counts[phase] = counts.get(phase, 0) + 1
+        return counts
 
     async def stop(self) -> None:
         self._stopped = True
@@ -437,7 +445,8 @@ class RunnerWorker:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                await self.sync()
+                with metrics.RECONCILE_SECONDS.time():
+                    await self.sync()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug must not kill the worker; it is logged and retried
@@ -896,6 +905,7 @@ class StatusWriter:
                 status=patch,
             )
             self.writes += 1
+            metrics.STATUS_WRITES.labels(kind=constants.DMRMODEL_KIND).inc()
         except kube_client.NotFound:
             return
         except kube_client.KubeError as error:
