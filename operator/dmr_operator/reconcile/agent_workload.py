@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
 from typing import Any, Final, Literal
 
 from dmr_operator import constants
 from dmr_operator.api.v1alpha1 import agent as agent_api
+from dmr_operator.reconcile import documents
 
 AGENT_CONTAINER: Final = "docker-agent"
 AGENT_PORT: Final = 8080
@@ -120,23 +120,15 @@ def env_problems(spec: agent_api.AgentSpec) -> list[str]:
 _ENV_REFERENCE: Final = re.compile(r"^(?:[A-Z_][A-Z0-9_]*|\$\{[^}]+\}|\$[A-Za-z_][A-Za-z0-9_]*)$")
 
 
-def _literal_secrets(value: Any, path: str = "") -> list[str]:
-    found: list[str] = []
-    if isinstance(value, Mapping):
-        for key, child in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if (
-                isinstance(child, str)
-                and child
-                and _SECRET_NAME.search(str(key))
-                and not _ENV_REFERENCE.match(child)
-            ):
-                found.append(where)
-            found.extend(_literal_secrets(child, where))
-    elif isinstance(value, list):
-        for index, child in enumerate(value):
-            found.extend(_literal_secrets(child, f"{path}[{index}]"))
-    return found
+def _literal_secrets(config: Any) -> list[str]:
+    return [
+        path
+        for path, key, value in documents.iter_keys(config)
+        if isinstance(value, str)
+        and value
+        and _SECRET_NAME.search(key)
+        and not _ENV_REFERENCE.match(value)
+    ]
 
 
 def _metadata(name: str, namespace: str, agent: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import pydantic
 from dmr_operator import constants
 from dmr_operator.api.v1alpha1.dmrmodel import DMRModelSpec, RunnerState
 from dmr_operator.dmr import references, validation
-from dmr_operator.reconcile import conditions, runners
+from dmr_operator.reconcile import conditions, documents, runners
 
 DEFAULT_POOL_SELECTOR: Mapping[str, Any] = {
     "matchLabels": {constants.POOL_LABEL: constants.DEFAULT_POOL}
@@ -193,20 +193,10 @@ def validate_spec(spec: DMRModelSpec, *, allowed_runner_hosts: Iterable[str] = (
     return problems
 
 
-def _dunder_keys(value: Any, path: str = "") -> list[str]:
+def _dunder_keys(value: Any) -> list[str]:
     """Keys like ``__class__`` at any depth: valid for model-runner, but vLLM applies
     hf_overrides onto a Python object, so the operator refuses them as a policy."""
-    found: list[str] = []
-    if isinstance(value, dict):
-        for key, child in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if str(key).startswith("__"):
-                found.append(where)
-            found.extend(_dunder_keys(child, where))
-    elif isinstance(value, list):
-        for index, child in enumerate(value):
-            found.extend(_dunder_keys(child, f"{path}[{index}]"))
-    return found
+    return [path for path, key, _ in documents.iter_keys(value) if key.startswith("__")]
 
 
 def resolve_backend(spec: DMRModelSpec, model_format: str | None) -> str:
