@@ -862,8 +862,10 @@ class StatusWriter:
         events, self._pending_events = self._pending_events, []
         writes = [self._write(key) for key in sorted(dirty)]
         await asyncio.gather(*writes)
-        for key, type_, reason, message in events:
-            await self.event_for(key, type_, reason, message)
+        # Events after the status they describe, but not one by one: awaited in turn they held
+        # the next status flush back (3 Events per model on 3 runners: 1,000 models took
+        # 45 s from the last _configure to the last Ready).
+        await asyncio.gather(*(self.event_for(*event) for event in events))
 
     def compute(self, key: str) -> dict[str, Any] | None:
         controller = self.controller
