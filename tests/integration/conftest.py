@@ -139,7 +139,9 @@ def operator_kubeconfig(
 
 
 @pytest.fixture
-def operator(operator_kubeconfig: Path, namespace: str) -> Iterator[OperatorProcess]:
+def operator(
+    operator_kubeconfig: Path, namespace: str, request: pytest.FixtureRequest
+) -> Iterator[OperatorProcess]:
     """The operator as its own process, watching only this test's namespace.
 
     Verify interval 2 s so periodic read-backs happen within a test; the log tail is printed at
@@ -152,7 +154,10 @@ def operator(operator_kubeconfig: Path, namespace: str) -> Iterator[OperatorProc
     yield process
     process.stop()
     print(f"--- operator log (tail) ---\n{process.log_tail(40)}")
-    assert "Forbidden" not in process.log(), "the operator needed a right the chart lacks"
+    # A restarted kube-apiserver answers 403 until its RBAC caches are warm: tests that restart
+    # it say so with the marker; everywhere else a 403 means the chart lacks a right.
+    if request.node.get_closest_marker("apiserver_restart") is None:
+        assert "Forbidden" not in process.log(), "the operator needed a right the chart lacks"
 
 
 @pytest.fixture

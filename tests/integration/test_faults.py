@@ -257,6 +257,7 @@ def test_slow_runner_times_out_says_why_and_recovers(
     assert [r.body for r in configures(emulator)] == [SMOL_WIRE]
 
 
+@pytest.mark.apiserver_restart
 def test_apiserver_restart_mid_reconcile(
     api_client: Any,
     control_plane: controlplane.ControlPlane,

@@ -651,6 +651,7 @@ class RunnerWorker:
             )
             return None
         placement.state, placement.reason = "Pulling", Reason.PULLING
+        placement.visited = True  # long work in progress is news: show it while it lasts
         placement.pulled_percent = 0
         self.controller.status.mark(target.key)
         tracker = wire.PullProgressTracker()
