@@ -361,6 +361,10 @@ class Bench:
         configures = sum(1 for r in new if r.path.endswith("/_configure") and r.method == "POST")
         per_second = len(new) / (ended - started)
         bound = len(runners) / self.args.verify_interval
+        self.details.append(
+            "Idle phase, operator API requests by verb: "
+            + (", ".join(f"{key}: {n}" for key, n in requests.by_verb.items()) or "none")
+        )
         self.rows += [
             report.Row(
                 f"4. idle {minutes:g} min at {objects} objects: Kubernetes writes / reads",
