@@ -395,6 +395,8 @@ def test_two_replicas_with_peering_only_one_acts_and_standby_takes_over(
     finally:
         leader.stop()
         standby.stop()
+        for role, process in (("leader", leader), ("standby", standby)):
+            print(f"--- {role} log (tail) ---\n{process.log_tail(40)}")
 
 
 def test_status_overwritten_by_another_client_is_restored(
