@@ -17,6 +17,7 @@ import yaml
 from dmr_operator import constants
 from dmr_operator.testing import cluster, manifests
 from dmr_operator.testing.operatorprocess import OperatorProcess
+from dmr_operator.testing.waiting import wait_for
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
@@ -91,8 +92,17 @@ def test_every_example_applies_and_becomes_ready(
             assert found["status"]["observedGeneration"] == found["metadata"]["generation"]
     (pool_service,) = applied["Service"]
     for name in applied[constants.DMRMODEL_KIND]:
-        status = objects.status(constants.DMRMODEL_PLURAL, name)
-        assert status["endpoint"] == f"http://{pool_service}.{namespace}.svc:80/v1"
-        # The pool's runner, plus the Sidecar Agent's own for the model it uses.
+        # The pool's runner, plus the Sidecar Agent's own for the model it uses (its status may
+        # land a moment after the sidecar pod's readiness gate).
         runners = 1 + (name in sidecar_models())
-        assert status["runnersSummary"] == f"{runners}/{runners}", name
+        status = wait_for(
+            lambda name=name, runners=runners: (
+                found
+                if (found := objects.status(constants.DMRMODEL_PLURAL, name)).get("runnersSummary")
+                == f"{runners}/{runners}"
+                else None
+            ),
+            timeout=15,
+            message=f"{name}: {runners}/{runners} runners",
+        )
+        assert status["endpoint"] == f"http://{pool_service}.{namespace}.svc:80/v1"

@@ -729,17 +729,16 @@ class RunnerWorker:
             )
             restarted = self.state.restarted and target.key in self.state.ever_configured
             self.state.ever_configured.add(target.key)
-            reason, verb = (
-                ("Reconfigured", "re-applied after the runner lost it")
-                if restarted
-                else (
-                    "Configured",
-                    "applied and verified",
+            # A first configuration is reported once per DMRModel (the Ready transition, in
+            # StatusWriter): per-runner Events would be a write per pod for every model. A
+            # runner that lost its configuration is news about that runner, so it gets its own.
+            if restarted:
+                self.controller.status.event_soon(
+                    target.key,
+                    "Normal",
+                    "Reconfigured",
+                    f"configuration re-applied on {self.runner.name} after it lost it (restart)",
                 )
-            )
-            self.controller.status.event_soon(
-                target.key, "Normal", reason, f"configuration {verb} on {self.runner.name}"
-            )
         self.controller.status.mark(target.key)
 
     def _fail(self, target: ModelTarget, reason: str, message: str, state: str = "Failed") -> None:
@@ -919,6 +918,14 @@ class StatusWriter:
         self.controller.bodies[key] = {**body, "status": status}
         old_phase = previous.get("phase")
         if old_phase != status.get("phase"):
+            if status.get("phase") == "Ready":
+                self.event_soon(
+                    key,
+                    "Normal",
+                    "Configured",
+                    f"configuration applied and verified on {status.get('runnersSummary')} "
+                    "runner(s)",
+                )
             self.controller.notify(key, "phase")
 
     def configured_at(self, target: ModelTarget, runner: runner_views.Runner) -> str:
