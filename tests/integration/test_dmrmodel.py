@@ -67,11 +67,7 @@ VLLM_WIRE = {
 }
 
 
-def pool(api_client: Any, node_simulator: Any, namespace: str, replicas: int) -> list[str]:
-    for index in range(replicas):
-        node_simulator.add_node(f"{namespace}-gpu-{index}", gpus=1)
-    cluster.create_runner_pool(api_client, namespace=namespace, replicas=replicas, gpus=1)
-    return cluster.wait_for_runner_pods(api_client, namespace, "default", replicas)
+pool = cluster.gpu_runner_pool
 
 
 def bodies(emulator: ModelRunnerEmulator, path: str) -> list[Any]:

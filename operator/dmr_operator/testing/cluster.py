@@ -159,6 +159,17 @@ def create_runner_pool(api_client: Any, **kwargs: Any) -> str:
     return str(statefulset["metadata"]["name"])
 
 
+def gpu_runner_pool(
+    api_client: Any, node_simulator: Any, namespace: str, replicas: int
+) -> list[str]:
+    """``replicas`` single-GPU simulated nodes and a default pool asking one GPU per pod, one
+    pod per node; returns the Ready runner pod names."""
+    for index in range(replicas):
+        node_simulator.add_node(f"{namespace}-gpu-{index}", gpus=1)
+    create_runner_pool(api_client, namespace=namespace, replicas=replicas, gpus=1)
+    return wait_for_runner_pods(api_client, namespace, constants.DEFAULT_POOL, replicas)
+
+
 def scale_runner_pool(api_client: Any, namespace: str, name: str, replicas: int) -> None:
     apps: Any = kubernetes.client.AppsV1Api(api_client)
     apps.patch_namespaced_stateful_set(
