@@ -51,6 +51,7 @@ def render(rows: list[Row], *, args: argparse.Namespace) -> str:
     lines = [
         f"Run {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} ({mode}: "
         f"{args.latency_models} latency objects, {args.scale_models} scale objects, "
+        f"{args.agents} agents, "
         f"{args.recovery_models} recovery objects, {args.idle_minutes:g} idle min, "
         f"--verify-interval {args.verify_interval:g} s) on {machine_facts()}.",
         "",

@@ -4,7 +4,8 @@ Starts its own control plane (kube-apiserver with an audit log, see ``bench/audi
 simulated GPU nodes with an in-process model-runner emulator behind every runner pod, the operator
 as a real process (so RSS and CPU are its own) and the floor operator (``bench/floor_operator.py``),
 then measures, in order: apply -> configured latency against the floor, scale to many DMRModels,
-recovery after a runner crash, and an idle window. Prints the table and writes it into
+then many Agents on some of those (now Ready) models, recovery after a runner crash, and an idle
+window. Prints the table and writes it into
 BENCHMARKS.md between the ``bench:results`` markers (``bench/report.py``).
 """
 
@@ -34,7 +35,11 @@ from dmr_operator.testing.emulator import ModelRunnerEmulator
 from dmr_operator.testing.operatorprocess import OperatorProcess
 from dmr_operator.testing.waiting import wait_for
 
-PLURAL = "dmrmodels"
+PLURAL = constants.DMRMODEL_PLURAL
+AGENTS = constants.AGENT_PLURAL
+# How many of the scale phase's DMRModels the Agents share (round-robin): several Agents per model,
+# as on a real shared pool.
+AGENT_MODELS = 10
 CONFIGURE = "/engines/llama.cpp/_configure"
 FLOOR_OPERATOR = Path(__file__).resolve().parent / "floor_operator.py"
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -99,6 +104,9 @@ class Bench:
         self.sim.wait_synced()
         for index in range(6):
             self.sim.add_node(f"bench-gpu-{index}", gpus=1)
+        # Agent pods (Pool mode) ask for no GPU; CPU-only nodes like a real cluster has for them.
+        for index in range(2):
+            self.sim.add_node(f"bench-cpu-{index}")
         self.operator: OperatorProcess | None = None
         self.floor: subprocess.Popen[bytes] | None = None
 
@@ -134,19 +142,43 @@ class Bench:
             constants.GROUP, constants.VERSION, namespace, PLURAL, body
         )
 
-    def phases(self, namespace: str) -> Counter[str]:
+    def create_agent(self, namespace: str, index: int, dmrmodel: str) -> None:
+        """A one-agent docker-agent team on ``dmrmodel`` (Pool mode, one replica: the defaults)."""
+        body = {
+            "apiVersion": constants.API_VERSION,
+            "kind": constants.AGENT_KIND,
+            "metadata": {"name": f"agent-{index:04d}"},
+            "spec": {
+                "config": {
+                    "agents": {"root": {"model": "main", "instruction": "You help."}},
+                    "models": {"main": {"dmrModel": dmrmodel}},
+                }
+            },
+        }
+        self.custom.create_namespaced_custom_object(
+            constants.GROUP, constants.VERSION, namespace, AGENTS, body
+        )
+
+    def phases(self, namespace: str, plural: str = PLURAL) -> Counter[str]:
         found = self.custom.list_namespaced_custom_object(
-            constants.GROUP, constants.VERSION, namespace, PLURAL
+            constants.GROUP, constants.VERSION, namespace, plural
         )
         return Counter((item.get("status") or {}).get("phase", "None") for item in found["items"])
 
-    def wait_all_ready(self, namespace: str, count: int, timeout: float) -> float:
-        wait_for(
-            lambda: self.phases(namespace).get("Ready", 0) == count,
-            timeout=timeout,
-            interval=0.5,
-            message=f"{count} Ready DMRModels in {namespace}",
-        )
+    def wait_all_ready(
+        self, namespace: str, count: int, timeout: float, plural: str = PLURAL
+    ) -> float:
+        try:
+            wait_for(
+                lambda: self.phases(namespace, plural).get("Ready", 0) == count,
+                timeout=timeout,
+                interval=0.5,
+                message=f"{count} Ready {plural} in {namespace}",
+            )
+        except AssertionError as error:
+            raise AssertionError(
+                f"{error}; phases now: {dict(self.phases(namespace, plural))}"
+            ) from None
         return time.time()
 
     def wait_configured(self, emulator: ModelRunnerEmulator, model: str, since: float) -> float:
@@ -381,8 +413,56 @@ class Bench:
             ),
         ]
 
-    def agents(self) -> None:
-        self.rows.append(report.Row("2b. 100 Agents", "not measured (see BENCHMARKS.md)", ""))
+    # --- 2b. agents ----------------------------------------------------------------------------
+
+    def agents(self, namespace: str) -> None:
+        """Agents on DMRModels the scale phase left Ready, same operator process, right after."""
+        assert self.operator is not None
+        count = self.args.agents
+        served = [f"scale-{i:04d}" for i in range(min(AGENT_MODELS, self.args.scale_models))]
+        _, cpu_before = proc_stats(self.operator.pid)
+        started = time.time()
+        with ThreadPoolExecutor(4) as pool:
+            list(
+                pool.map(
+                    lambda i: self.create_agent(namespace, i, served[i % len(served)]),
+                    range(count),
+                )
+            )
+        created = time.time()
+        ready = self.wait_all_ready(namespace, count, timeout=max(120, count * 2), plural=AGENTS)
+        settled = self.settle(ready)
+        rss, cpu_after = proc_stats(self.operator.pid)
+        log = audit.read(self.cp.audit_log_path)
+        requests = audit.count(log, since=started, until=settled)
+        after_ready = audit.count(log, since=ready, until=settled)
+        self.rows += [
+            report.Row(
+                f"2b. {count} Agents on {len(served)} Ready DMRModels: all Ready after",
+                f"{ready - started:.1f} s (creates took {created - started:.1f} s)",
+                "",
+            ),
+            report.Row(
+                "2b. Kubernetes API requests per Agent (reads / writes)",
+                f"{requests.reads / count:.2f} / {requests.writes / count:.2f}",
+                "",
+            ),
+            report.Row(
+                "2b. operator peak RSS (VmHWM) after the Agent phase",
+                f"{rss:.0f} MB",
+                "< 200 MB",
+                rss < 200,
+            ),
+            report.Row(
+                "2b. operator CPU during the Agent phase", f"{cpu_after - cpu_before:.1f} s", ""
+            ),
+        ]
+        self.details.append(
+            "Agent phase, operator API requests by verb: "
+            + ", ".join(f"{key}: {n}" for key, n in requests.by_verb.items())
+            + f" (of which after all Ready: {after_ready.writes} writes, "
+            + f"{after_ready.reads} reads)"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -390,6 +470,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small counts, 1 idle minute")
     parser.add_argument("--latency-models", type=int, default=None)
     parser.add_argument("--scale-models", type=int, default=None)
+    parser.add_argument("--agents", type=int, default=None, help="Agents after the scale phase")
     parser.add_argument("--recovery-models", type=int, default=100)
     parser.add_argument("--idle-minutes", type=float, default=None)
     parser.add_argument(
@@ -397,13 +478,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args(argv)
-    defaults = (20, 100, 1.0) if args.quick else (200, 1000, 10.0)
+    defaults = (20, 100, 1.0, 10) if args.quick else (200, 1000, 10.0, 100)
     if args.latency_models is None:
         args.latency_models = defaults[0]
     if args.scale_models is None:
         args.scale_models = defaults[1]
     if args.idle_minutes is None:
         args.idle_minutes = defaults[2]
+    if args.agents is None:
+        args.agents = defaults[3]
     return args
 
 
@@ -427,9 +510,9 @@ def run(args: argparse.Namespace) -> list[report.Row]:
         bench.floor.terminate()
         bench.floor.wait(timeout=20)
         step("2. scale", bench.scale, "bench-scale", scale_pods)
-        bench.agents()
+        step("2b. agents", bench.agents, "bench-scale")
         step("3. recovery", bench.recovery, "bench-recovery", recovery_pod)
-        objects = args.latency_models + 1 + args.scale_models + args.recovery_models
+        objects = args.latency_models + 1 + args.scale_models + args.agents + args.recovery_models
         step("4. idle", bench.idle, operator_namespaces, objects)
     finally:
         bench.close()
