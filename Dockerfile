@@ -11,4 +11,4 @@ COPY --from=build /install /usr/local
 USER 65532:65532
 ENV PYTHONUNBUFFERED=1
 ENTRYPOINT ["dmr-operator"]
-CMD ["run", "--all-namespaces", "--standalone", "--log-format", "json"]
+CMD ["run", "--all-namespaces", "--log-format", "json"]

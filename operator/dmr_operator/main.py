@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+import socket
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
+import aiohttp.web
 import httpx
 import kopf
 
 from dmr_operator import __version__, constants, metrics
 from dmr_operator.clients import kube as kube_client
-from dmr_operator.controllers import agents, dmrmodels
+from dmr_operator.controllers import agents, dmrmodels, leadership
+from dmr_operator.reconcile import leadership as leadership_rules
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +44,7 @@ class RunOptions:
 
 
 OPTIONS = RunOptions()
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,16 +64,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("KUBECONFIG"),
         help="kubeconfig file (default: $KUBECONFIG, else in-cluster, else ~/.kube/config)",
     )
-    peering = parser.add_mutually_exclusive_group()
-    peering.add_argument(
-        "--standalone", action="store_true", help="no peering: this is the only operator"
+    election = parser.add_argument_group(
+        "leader election", "with several replicas, only the holder of a Lease acts"
     )
-    peering.add_argument(
-        "--peering",
-        metavar="NAME",
-        help="KopfPeering object shared with standby replicas (only one replica acts)",
+    election.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="wait for the leader-election Lease before acting (needed with replicas > 1)",
     )
-    parser.add_argument("--priority", type=int, default=0, help="peering priority")
+    election.add_argument(
+        "--leader-election-id",
+        default="dmr-operator",
+        help="name of the Lease (default: %(default)s)",
+    )
+    election.add_argument(
+        "--leader-election-namespace",
+        default=None,
+        help="namespace of the Lease (default: $POD_NAMESPACE, else the pod's own namespace)",
+    )
+    election.add_argument(
+        "--lease-duration",
+        type=float,
+        default=15.0,
+        help="seconds a silent leader keeps the Lease; renew deadline and retry period scale "
+        "with it (default: %(default)s)",
+    )
     parser.add_argument(
         "--liveness",
         metavar="URL",
@@ -115,18 +138,125 @@ def run_command(args: argparse.Namespace) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     from dmr_operator import handlers  # noqa: F401 - registers the kopf handlers
 
+    timings = leadership_rules.LeaseTimings.for_duration(args.lease_duration)
+    if problems := timings.problems():
+        logger.error("--lease-duration: %s", "; ".join(problems))
+        return 2
     if args.metrics_port:
         metrics.serve(args.metrics_port)
+    try:
+        return asyncio.run(serve(args, timings))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def serve(args: argparse.Namespace, timings: leadership_rules.LeaseTimings) -> int:
+    """Run kopf, after winning the leader election when ``--leader-elect`` asks for one.
+
+    Replicas coordinate through a Lease rather than kopf's peering: a standby starts no
+    watch and calls no runner (a kopf standby may handle events before it learns it is one),
+    and a released or expired lease is taken over within seconds instead of a minute.
+    """
+    memo = kopf.Memo()
     namespaces = list(args.namespace)
-    kopf.run(
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        standalone=args.standalone,
-        peering_name=args.peering,
-        priority=args.priority,
-        liveness_endpoint=args.liveness,
+
+    async def operator() -> None:
+        await kopf.operator(
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            standalone=True,
+            liveness_endpoint=args.liveness,
+            memo=memo,
+        )
+
+    if not args.leader_elect:
+        metrics.LEADER.set(1)
+        await operator()
+        return 0
+    kube = kube_client.KubeClient(_credentials_outside_kopf)
+    elector = leadership.LeaderElector(
+        kube,
+        namespace=args.leader_election_namespace or own_namespace(),
+        name=args.leader_election_id,
+        identity=own_identity(),
+        timings=timings,
     )
-    return 0
+    try:
+        async with standby_probe(args.liveness):
+            await elector.acquire()
+        holding = asyncio.create_task(elector.hold(), name="leader-election lease renewal")
+        running = asyncio.create_task(operator(), name="kopf operator")
+        await asyncio.wait({holding, running}, return_when=asyncio.FIRST_COMPLETED)
+        if not holding.done():
+            holding.cancel()
+            await elector.release()
+            running.result()
+            return 0
+        # Leadership is gone (or renewing broke): stop acting at once, before a standby starts.
+        await _halt(memo)
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        error = holding.exception()
+        logger.error("exiting: %s", error)
+        return 1
+    finally:
+        await kube.close()
+
+
+async def _halt(memo: Any) -> None:
+    """Stop the controllers' own tasks (runner workers, status writer, Agent queue) now."""
+    stops = [
+        c.stop() for c in (getattr(memo, "agents", None), getattr(memo, "dmrmodels", None)) if c
+    ]
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(5):
+            await asyncio.gather(*stops, return_exceptions=True)
+
+
+def own_namespace() -> str:
+    """The operator pod's namespace: $POD_NAMESPACE, the service account's, else ``default``."""
+    if namespace := os.environ.get("POD_NAMESPACE"):
+        return namespace
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def own_identity() -> str:
+    """Who holds the lease: the pod name (a restarted container takes its own lease back at
+    once, its old process being gone), else host and a random suffix (unique per process)."""
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.asynccontextmanager
+async def standby_probe(liveness: str | None) -> AsyncIterator[None]:
+    """Answer the liveness URL while standing by, so the kubelet does not restart a standby;
+    kopf serves it from the moment this replica leads."""
+    if not liveness:
+        yield
+        return
+    url = urllib.parse.urlsplit(liveness)
+
+    async def healthy(_: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.json_response({"standby": True})
+
+    app = aiohttp.web.Application()
+    app.router.add_get(url.path or "/", healthy)
+    runner = aiohttp.web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, url.hostname, url.port or 80, reuse_address=True)
+    await site.start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def _credentials_outside_kopf() -> Mapping[str, Any]:
+    info = await asyncio.to_thread(connection_info, logger=logger)
+    return dataclasses.asdict(info)
 
 
 def connection_info(*, logger: Any, settings: kopf.OperatorSettings | None = None) -> Any:

@@ -28,6 +28,10 @@ RECONCILE_SECONDS = prometheus_client.Histogram(
     "Duration of one runner worker pass (read-back, pulls, configures, verification).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+LEADER = prometheus_client.Gauge(
+    "dmr_operator_leader",
+    "1 while this replica holds the leader-election lease (or runs without election), else 0.",
+)
 
 
 class _ModelsByPhase:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import os
 import secrets
 from collections.abc import Iterator
@@ -94,6 +95,7 @@ def crds(api_client: Any) -> None:
 
 CHART = Path(__file__).parents[2] / "charts" / "dmr-operator"
 RBAC_NAMESPACE = "dmr-rbac"
+LEASE = "dmr-dmr-operator"  # the chart's leader-election Lease for release "dmr"
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +115,8 @@ def operator_kubeconfig(
         release="dmr",
         namespace=RBAC_NAMESPACE,
     )
-    rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+    # Role and RoleBinding: the chart's rights on its leader-election Lease (release namespace).
+    rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
     objects = [o for o in helm.sort_for_install(rendered) if o["kind"] in rbac_kinds]
     core: Any = kubernetes.client.CoreV1Api(api_client)
     with contextlib.suppress(kubernetes.client.ApiException):
@@ -158,6 +161,40 @@ def operator(
     # it say so with the marker; everywhere else a 403 means the chart lacks a right.
     if request.node.get_closest_marker("apiserver_restart") is None:
         assert "Forbidden" not in process.log(), "the operator needed a right the chart lacks"
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaderElection:
+    """The chart's leader-election Lease and the ``dmr-operator run`` flags that use it."""
+
+    name: str
+    namespace: str
+    args: list[str]
+
+
+@pytest.fixture
+def leader_election(api_client: Any, operator_kubeconfig: Path) -> Iterator[LeaderElection]:
+    """Replicas elect through the chart's Lease with a 6 s lease (renew deadline 4 s, retry
+    0.8 s) so takeovers fit in a test. The Lease is removed before and after, so no test waits
+    out another's leader."""
+    coordination: Any = kubernetes.client.CoordinationV1Api(api_client)
+
+    def remove() -> None:
+        with contextlib.suppress(kubernetes.client.ApiException):
+            coordination.delete_namespaced_lease(LEASE, RBAC_NAMESPACE)
+
+    remove()
+    yield LeaderElection(
+        name=LEASE,
+        namespace=RBAC_NAMESPACE,
+        args=[
+            "--leader-elect",
+            f"--leader-election-id={LEASE}",
+            f"--leader-election-namespace={RBAC_NAMESPACE}",
+            "--lease-duration=6",
+        ],
+    )
+    remove()
 
 
 @pytest.fixture

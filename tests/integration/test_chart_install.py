@@ -5,9 +5,9 @@ install order, CRDs and runner pool included. Instead of the operator Deployment
 no kubelet to run its image; the chart is installed with ``replicaCount: 0``), the operator runs
 as a process with the chart's ServiceAccount token and exactly the arguments of the rendered
 Deployment. Both RBAC modes: a ClusterRole for the whole cluster, and a Role in one watched
-namespace (with kopf peering). In each, a DMRModel on the chart's pool and an Agent reach Ready,
-the probe and metrics ports answer, the operator logs no 403, and requests outside its rights
-are refused.
+namespace (with leader election through the chart's Lease). In each, a DMRModel on the chart's
+pool and an Agent reach Ready, the probe and metrics ports answer, the operator logs no 403, and
+requests outside its rights are refused.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,8 +52,8 @@ def chart_values(*, namespace: str, cluster_wide: bool) -> dict[str, Any]:
         "replicaCount": 0,
         "watchNamespaces": [] if cluster_wide else [namespace],
         "rbac": {"clusterWide": cluster_wide},
-        # Peering in one mode: its RBAC (kopfpeerings) is exercised too.
-        "peering": {"enabled": not cluster_wide},
+        # Leader election in one mode: its Lease rights (a Role in the release namespace) too.
+        "leaderElection": {"enabled": not cluster_wide},
         "runnerPools": [
             {
                 "name": constants.DEFAULT_POOL,
@@ -163,7 +165,7 @@ def test_operator_with_the_charts_rbac_reconciles_and_is_refused_outside_its_rig
     kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / "sa.kubeconfig", user=user)
     args, env, liveness_port, metrics_port = operator_arguments(deployment)
     assert ("--all-namespaces" in args) == cluster_wide
-    assert ("--peering" in args) == (not cluster_wide)
+    assert ("--leader-elect" in args) == (not cluster_wide)
 
     operator = OperatorProcess(kubeconfig=kubeconfig, extra_args=args, env=env, verify_interval=5)
     operator.start()
@@ -203,9 +205,12 @@ def test_operator_with_the_charts_rbac_reconciles_and_is_refused_outside_its_rig
     finally:
         operator.stop()
         print(f"--- operator log (tail) ---\n{operator.log_tail(40)}")
-    forbidden = [
-        line for line in operator.log().splitlines() if "403" in line or "orbidden" in line
+    # Messages only: a timestamp such as 12:00:13.984039 contains "403" too.
+    messages = [
+        str(json.loads(line).get("message", "")) if line.startswith("{") else line
+        for line in operator.log().splitlines()
     ]
+    forbidden = [m for m in messages if re.search(r"\b403\b", m) or "orbidden" in m]
     assert forbidden == [], "\n".join(forbidden[:10])
 
 
@@ -243,6 +248,7 @@ def test_rendered_arguments_are_the_operators_own_flags() -> None:
     deployment = next(obj for obj in objects if obj["kind"] == "Deployment")
     args, _, _, _ = operator_arguments(deployment)
     parsed = cli.build_parser().parse_args(["run", *args])
-    assert parsed.namespace == ["ns"] and parsed.peering == "r-dmr-operator"
+    assert parsed.namespace == ["ns"] and parsed.leader_elect
+    assert (parsed.leader_election_id, parsed.leader_election_namespace) == ("r-dmr-operator", "ns")
     assert parsed.allowed_runner_hosts == "a:1" and parsed.log_format == "json"
     assert parsed.liveness.startswith("http://127.0.0.1:")

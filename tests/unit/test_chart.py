@@ -1,7 +1,7 @@
 """The Helm chart rendered and linted by Helm's own code (dmr_operator.testing.helm).
 
 Covers: every mode renders and lints clean; standard labels; the operator's command line per
-mode; RBAC in cluster-wide and namespaced form, least privilege; kopf peering; metrics; runner
+mode; RBAC in cluster-wide and namespaced form, least privilege; leader election; metrics; runner
 pools (image per accelerator, GPUs, the Service selector the operator relies on, storage);
 values that must be refused at install time.
 """
@@ -51,9 +51,10 @@ MODES: dict[str, dict[str, Any]] = {
         "rbac": {"clusterWide": False},
     },
     "cluster-rbac-listed-namespaces": {"watchNamespaces": ["team-a"]},
-    "peering-by-replicas": {"replicaCount": 2},
-    "peering-namespaced": {
-        "peering": {"enabled": True},
+    "two-replicas": {"replicaCount": 2},
+    "no-leader-election": {"leaderElection": {"enabled": False}},
+    "leader-election-namespaced": {
+        "leaderElection": {"leaseName": "dmr-lease", "leaseDuration": 30},
         "watchNamespaces": ["team-a", "team-b"],
         "rbac": {"clusterWide": False},
     },
@@ -158,11 +159,15 @@ def test_crds_are_templates_kept_on_uninstall(
     assert not [obj for obj in render({"crds": {"install": False}}) if is_generated_crd(obj)]
 
 
-def test_operator_defaults_watch_the_cluster_standalone() -> None:
+def test_operator_defaults_watch_the_cluster_with_leader_election() -> None:
     objects = render({})
     deployment = only(objects, "Deployment")
     assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # The new pod stands by until the old one releases the lease: no gap, never two actors.
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     container = operator_container(objects)
     assert container["image"] == "dmr-operator:0.1.0"
     assert container["command"] == ["dmr-operator", "run"]
@@ -171,15 +176,19 @@ def test_operator_defaults_watch_the_cluster_standalone() -> None:
         "--liveness=http://0.0.0.0:8080/healthz",
         "--metrics-port=9090",
         "--log-format=json",
-        "--standalone",
+        "--leader-elect",
+        f"--leader-election-id={RELEASE}-dmr-operator",
+        f"--leader-election-namespace={NAMESPACE}",
+        "--lease-duration=15",
     ]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
-    assert not find(objects, "ClusterKopfPeering") and not find(objects, "KopfPeering")
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
 
 
-def test_operator_flags_for_namespaces_hosts_and_peering() -> None:
+def test_operator_flags_for_namespaces_hosts_and_replicas() -> None:
     objects = render(
         {
             "replicaCount": 2,
@@ -197,31 +206,31 @@ def test_operator_flags_for_namespaces_hosts_and_peering() -> None:
         "--liveness=http://0.0.0.0:8080/healthz",
         "--log-format=json",
         "--allowed-runner-hosts=gpu-box.lan:12434,10.0.0.7",
-        f"--peering={RELEASE}-dmr-operator",
+        "--leader-elect",
+        f"--leader-election-id={RELEASE}-dmr-operator",
+        f"--leader-election-namespace={NAMESPACE}",
+        "--lease-duration=15",
     ]
-    peerings = find(objects, "KopfPeering")
-    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
-    assert {p["metadata"]["name"] for p in peerings} == {f"{RELEASE}-dmr-operator"}
-    assert not find(objects, "ClusterKopfPeering")
 
 
-def test_cluster_wide_peering_uses_a_cluster_peering_object() -> None:
-    objects = render({"peering": {"enabled": True, "name": "dmr-peers"}})
-    assert "--peering=dmr-peers" in operator_container(objects)["args"]
-    assert only(objects, "ClusterKopfPeering")["metadata"]["name"] == "dmr-peers"
-    assert ("kopf.dev", "clusterkopfpeerings", "patch") in rules_of(only(objects, "ClusterRole"))
+def test_without_leader_election_the_operator_is_recreated_and_alone() -> None:
+    objects = render({"leaderElection": {"enabled": False}})
+    assert only(objects, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [a for a in operator_container(objects)["args"] if a.startswith("--lease")]
+    assert "--leader-elect" not in operator_container(objects)["args"]
+    assert not find(objects, "Role")
+    with pytest.raises(helm_python.HelmRenderError, match=r"needs leaderElection\.enabled"):
+        render({"leaderElection": {"enabled": False}, "replicaCount": 2})
 
 
-def test_kopf_peering_crds_ship_in_the_crds_folder() -> None:
-    objects = helm.render_chart(CHART, values={"replicaCount": 2}, include_crds=True)
-    crd_names = [obj["metadata"]["name"] for obj in find(objects, "CustomResourceDefinition")]
-    assert {"kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"} <= set(crd_names)
-    # crds/ come first, as helm install creates them before the peering objects.
-    assert objects[0]["kind"] == "CustomResourceDefinition"
+def test_the_chart_ships_no_crds_folder_of_its_own() -> None:
+    # Only the generated DMRModel/Agent CRD templates: nothing for Helm to install unasked.
+    objects = helm.render_chart(CHART, values={"crds": {"install": False}}, include_crds=True)
+    assert not find(objects, "CustomResourceDefinition")
 
 
 def test_cluster_wide_rbac_is_one_cluster_role() -> None:
-    objects = render({})
+    objects = render({"leaderElection": {"enabled": False}})
     assert not find(objects, "Role") and not find(objects, "RoleBinding")
     role = only(objects, "ClusterRole")
     rules = rules_of(role)
@@ -250,7 +259,13 @@ def test_cluster_wide_rbac_is_one_cluster_role() -> None:
 
 def test_namespaced_rbac_is_a_role_per_watched_namespace() -> None:
     namespaces = ["team-a", "team-b"]
-    objects = render({"watchNamespaces": namespaces, "rbac": {"clusterWide": False}})
+    objects = render(
+        {
+            "watchNamespaces": namespaces,
+            "rbac": {"clusterWide": False},
+            "leaderElection": {"enabled": False},
+        }
+    )
     roles = find(objects, "Role")
     bindings = find(objects, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == namespaces
@@ -277,11 +292,24 @@ def test_rbac_is_least_privilege(values: dict[str, Any]) -> None:
             assert verb not in ("escalate", "bind", "impersonate", "deletecollection")
 
 
-def test_peering_rights_only_with_peering() -> None:
-    plain = rules_of(only(render({}), "ClusterRole"))
-    assert not any(group == "kopf.dev" for group, _, _ in plain)
-    namespaced = render({"peering": {"enabled": True}, "watchNamespaces": ["team-a"]})
-    assert ("kopf.dev", "kopfpeerings", "patch") in rules_of(only(namespaced, "ClusterRole"))
+def test_lease_rights_only_for_the_lease_in_the_release_namespace() -> None:
+    objects = render({"leaderElection": {"leaseName": "dmr-lease"}})
+    role = only(objects, "Role", f"{RELEASE}-dmr-operator-leader-election")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    # create cannot be limited by name; reading and renewing can.
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["dmr-lease"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    binding = only(objects, "RoleBinding", f"{RELEASE}-dmr-operator-leader-election")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == f"{RELEASE}-dmr-operator"
+    assert not any(g == "coordination.k8s.io" for g, _, _ in rules_of(only(objects, "ClusterRole")))
 
 
 def test_metrics_service_and_service_monitor() -> None:
@@ -457,6 +485,8 @@ def test_pool_env_and_defaults_merge() -> None:
         {"runnerPools": [{"name": "p", "storage": {"size": "lots"}}]},
         {"runnerPools": [{"name": "p", "nodeSelectr": {}}]},
         {"metrics": {"serviceMonitor": {"interval": "often"}}},
+        {"leaderElection": {"leaseDuration": 1}},
+        {"leaderElection": {"leaseName": "Not_A_Name"}},
     ],
     ids=repr,
 )
@@ -499,5 +529,5 @@ def test_install_order_puts_prerequisites_first() -> None:
         < kinds.index("Deployment")
     )
     last_crd = max(i for i, kind in enumerate(kinds) if kind == "CustomResourceDefinition")
-    assert last_crd < kinds.index("ClusterKopfPeering") == len(kinds) - 1
+    assert last_crd < kinds.index("ClusterRole") < kinds.index("RoleBinding")
     assert kinds.index("Service") < kinds.index("StatefulSet")

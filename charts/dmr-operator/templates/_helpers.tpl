@@ -82,21 +82,13 @@ The operator's ServiceAccount name.
 {{- end }}
 {{- end }}
 
-{{/*
-Whether kopf peering is on: asked for, or needed because several replicas would otherwise
-reconcile the same objects.
-*/}}
-{{- define "dmr-operator.peeringEnabled" -}}
-{{- if or .Values.peering.enabled (gt (int .Values.replicaCount) 1) }}true{{- end }}
-{{- end }}
-
-{{- define "dmr-operator.peeringName" -}}
-{{- default (include "dmr-operator.fullname" .) .Values.peering.name }}
+{{- define "dmr-operator.leaseName" -}}
+{{- default (include "dmr-operator.fullname" .) .Values.leaderElection.leaseName }}
 {{- end }}
 
 {{/*
-Whether kopf serves the whole cluster (--all-namespaces, ClusterKopfPeering) rather than the
-listed namespaces (--namespace, one KopfPeering in each).
+Whether kopf serves the whole cluster (--all-namespaces) rather than the listed namespaces
+(--namespace).
 */}}
 {{- define "dmr-operator.watchesCluster" -}}
 {{- if empty .Values.watchNamespaces }}true{{- end }}

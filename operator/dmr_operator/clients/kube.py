@@ -42,6 +42,7 @@ _RESOURCES: Mapping[tuple[str, str], str] = {
     ("v1", "Event"): "/api/v1/namespaces/{ns}/events",
     ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{ns}/deployments",
     ("apps/v1", "StatefulSet"): "/apis/apps/v1/namespaces/{ns}/statefulsets",
+    ("coordination.k8s.io/v1", "Lease"): "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
     (constants.API_VERSION, constants.DMRMODEL_KIND): (
         f"/apis/{constants.API_VERSION}/namespaces/{{ns}}/{constants.DMRMODEL_PLURAL}"
     ),
@@ -214,6 +215,17 @@ class KubeClient:
             return await self.request("GET", f"{_collection(api_version, kind, namespace)}/{name}")
         except NotFound:
             return None
+
+    async def create(self, body: Mapping[str, Any]) -> Any:
+        """Create a namespaced object; ``Conflict`` if it already exists."""
+        collection = _collection(body["apiVersion"], body["kind"], body["metadata"]["namespace"])
+        return await self.request("POST", collection, body=dict(body))
+
+    async def replace(self, body: Mapping[str, Any]) -> Any:
+        """Replace a namespaced object; ``Conflict`` unless its resourceVersion is current."""
+        metadata = body["metadata"]
+        collection = _collection(body["apiVersion"], body["kind"], metadata["namespace"])
+        return await self.request("PUT", f"{collection}/{metadata['name']}", body=dict(body))
 
     async def delete(self, *, api_version: str, kind: str, namespace: str, name: str) -> None:
         with contextlib.suppress(NotFound):

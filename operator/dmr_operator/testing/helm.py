@@ -19,7 +19,7 @@ import yaml
 
 # The order `helm install` creates kinds in (Helm's kind sorter), so that a server-side apply of
 # render_chart's output meets no missing ServiceAccount, Role or CRD. Other kinds (custom
-# resources such as ClusterKopfPeering) come last, after their CRDs.
+# resources) come last, after their CRDs.
 INSTALL_ORDER = (
     "PriorityClass",
     "Namespace",

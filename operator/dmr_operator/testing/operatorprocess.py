@@ -46,8 +46,6 @@ class OperatorProcess:
         argv += ["--verify-interval", str(self.verify_interval), "--log-format", "json"]
         for namespace in self.namespaces:
             argv += ["--namespace", namespace]
-        if "--peering" not in self.extra_args:
-            argv.append("--standalone")
         return argv + self.extra_args
 
     def start(self) -> OperatorProcess:
@@ -67,7 +65,15 @@ class OperatorProcess:
         return self
 
     def _started(self) -> bool:
-        return "dmr-operator" in self.log() and "started" in self.log()
+        log = self.log()
+        return ("dmr-operator" in log and "started" in log) or self.standing_by()
+
+    def standing_by(self) -> bool:
+        """A replica waiting for the leader-election lease (it acts once it holds it)."""
+        return "standing by" in self.log()
+
+    def leading(self) -> bool:
+        return "leading: holding lease" in self.log()
 
     def _died(self) -> bool:
         return self.process is not None and self.process.poll() is not None
