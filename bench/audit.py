@@ -4,7 +4,8 @@
 kube-apiserver writing one JSON line per request (policy level Metadata: no bodies). ``count``
 attributes requests to a client by User-Agent (the operator's own client sends
 ``dmr-operator/<version>``, kopf sends ``kopf/<version>``) within a time window, split into reads
-and writes. Used by ``bench/run.py``.
+and writes; ``last`` finds when the operator last did something (e.g. applied a Deployment).
+Used by ``bench/run.py``.
 """
 
 from __future__ import annotations
@@ -121,3 +122,26 @@ def count(
     reads = sum(n for key, n in verbs.items() if key.split()[0] in READ_VERBS)
     writes = sum(n for key, n in verbs.items() if key.split()[0] in WRITE_VERBS)
     return Counts(reads=reads, writes=writes, by_verb=dict(verbs.most_common()))
+
+
+def last(
+    requests: Iterable[Request],
+    *,
+    verb: str,
+    resource: str,
+    since: float,
+    agents: Sequence[str] = OPERATOR_AGENTS,
+) -> float | None:
+    """When the last ``verb`` on ``resource`` (e.g. "deployments", "agents/status") was received."""
+    return max(
+        (
+            request.received
+            for request in requests
+            if request.received >= since
+            and request.verb == verb
+            and request.user_agent.startswith(tuple(agents))
+            and resource
+            == request.resource + (f"/{request.subresource}" if request.subresource else "")
+        ),
+        default=None,
+    )

@@ -436,10 +436,15 @@ class Bench:
         log = audit.read(self.cp.audit_log_path)
         requests = audit.count(log, since=started, until=settled)
         after_ready = audit.count(log, since=ready, until=settled)
+        # Where the time went: the operator's last child write, then its last status write.
+        deployed = audit.last(log, verb="patch", resource="deployments", since=started)
+        reported = audit.last(log, verb="patch", resource="agents/status", since=started)
         self.rows += [
             report.Row(
                 f"2b. {count} Agents on {len(served)} Ready DMRModels: all Ready after",
-                f"{ready - started:.1f} s (creates took {created - started:.1f} s)",
+                f"{ready - started:.1f} s (creates took {created - started:.1f} s; last "
+                f"Deployment applied at {(deployed or started) - started:.1f} s, last status "
+                f"write at {(reported or started) - started:.1f} s)",
                 "",
             ),
             report.Row(
