@@ -307,3 +307,30 @@ def test_configure_round_trip_property(
     threaded_emulator: ModelRunnerEmulator, request: wire.ConfigureRequest
 ) -> None:
     assert asyncio.run(_round_trip(threaded_emulator.url, request)) == []
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [(b"null", []), (b"", []), (b"[]", [])],
+    ids=["go-nil-slice", "empty-body", "empty-list"],
+)
+async def test_an_empty_config_listing_in_any_form_is_no_configs(
+    answer: bytes, expected: list[wire.ModelConfigEntry]
+) -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=answer))
+    async with httpx.AsyncClient(transport=transport) as http:
+        client = modelrunner.ModelRunnerClient(http, "http://runner")
+        assert await client.read_configs() == expected
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"<html>proxy error</html>", b'[{"Backend": "llama.cpp"}]', b'{"Backend": 1}'],
+    ids=["not-json", "missing-fields", "not-a-list"],
+)
+async def test_a_malformed_config_listing_is_a_runner_error_not_a_crash(answer: bytes) -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=answer))
+    async with httpx.AsyncClient(transport=transport) as http:
+        client = modelrunner.ModelRunnerClient(http, "http://runner")
+        with pytest.raises(modelrunner.RunnerServerError, match="unexpected GET"):
+            await client.read_configs()

@@ -20,9 +20,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import httpx
+import pydantic
 
 import dmr_operator
 from dmr_operator.dmr import validation, wire
+
+# A Go nil slice is JSON null: a runner with no configs may answer either way.
+_CONFIG_LISTING: Final = pydantic.TypeAdapter(list[wire.ModelConfigEntry] | None)
 
 USER_AGENT: Final = f"dmr-operator/{dmr_operator.__version__}"
 # Short connect timeout: an unreachable pod must not hold a reconcile for long.
@@ -294,7 +298,15 @@ class ModelRunnerClient:
         response = await self._call(
             "GET", "/engines/_configure", params={"model": model} if model else None
         )
-        return [wire.ModelConfigEntry.model_validate(item) for item in self._json(response) or []]
+        try:
+            # One validation pass over the raw bytes: this list grows with the models a runner
+            # holds and is read at every verification.
+            return _CONFIG_LISTING.validate_json(response.content or b"null") or []
+        except pydantic.ValidationError as error:
+            raise RunnerServerError(
+                f"unexpected GET /engines/_configure answer: {error.errors()[0]['msg']}",
+                status_code=response.status_code,
+            ) from error
 
     # --- runners ------------------------------------------------------------------------------
 

@@ -89,6 +89,13 @@ class _RunnerState:
     backoff: dict[str, Backoff] = field(default_factory=dict)
     runner_backoff: Backoff = field(default_factory=Backoff)
     known_incarnation: tuple[str, ...] | None = None
+    entries: list[wire.ModelConfigEntry] | None = None
+    """The runner's configs as this process last read them (after its own sends, and at every
+    verification). Only this operator configures runners (one leader), so a new model needs no
+    fresh read before its ``_configure``; None = read first."""
+    view_stale: bool = False
+    """Set when this process changed the runner other than by ``_configure`` (unload, delete):
+    the next pass forgets ``entries`` and ``store`` and reads them again."""
     next_verify: float = 0.0
     ever_configured: set[str] = field(default_factory=set)
     restarted: bool = False
@@ -342,6 +349,8 @@ class DMRModelController:
             if runner.base_url is None:
                 return
             client = modelrunner.ModelRunnerClient(self.http, runner.base_url)
+            if (worker := self.workers.get(runner.key)) is not None:
+                worker.state.view_stale = True  # unload drops configs; delete drops the model
             for attempt in range(self.settings.delete_attempts):
                 try:
                     async with asyncio.timeout(self.settings.delete_timeout):
@@ -477,6 +486,7 @@ class RunnerWorker:
             restarted = state.known_incarnation is not None
             state.applied.clear()
             state.store = None
+            state.entries = None
             state.backoff.clear()
             state.known_incarnation = runner.incarnation
             state.next_verify = 0.0
@@ -488,6 +498,8 @@ class RunnerWorker:
                     placement.state, placement.reason = "Configuring", Reason.CONFIGURING
                     placement.configured_at = None
                     controller.status.mark(target.key)
+        if state.view_stale:
+            state.view_stale, state.entries, state.store = False, None, None
         if state.runner_backoff.retry_at > now:
             # Backing off an unreachable runner: a model newly assigned to it learns why now.
             for target in targets:
@@ -511,7 +523,8 @@ class RunnerWorker:
             return
         client = modelrunner.ModelRunnerClient(controller.http, runner.base_url)
         try:
-            entries = await client.read_configs()
+            cached = state.entries
+            entries = cached if cached is not None and not verify else await client.read_configs()
             if verify:
                 self._verify(targets, entries)
                 work = [t for t in targets if self._needs_work(t, now)]
@@ -529,9 +542,11 @@ class RunnerWorker:
                     entries = await client.read_configs()
                 for target in work:
                     self._check(target, entries)
+            state.entries = entries
             state.runner_backoff = Backoff()
             state.next_verify = controller.clock() + settings.verify_interval
         except modelrunner.RunnerUnreachable as error:
+            state.entries = None
             delay = state.runner_backoff.failed(settings.unreachable_backoff, controller.clock())
             for target in targets:
                 self._fail(target, Reason.RUNNER_UNREACHABLE, f"{error} (retry in {delay:.0f}s)")
@@ -547,7 +562,7 @@ class RunnerWorker:
 
     def _needs_work(self, target: ModelTarget, now: float) -> bool:
         applied = self.state.applied.get(target.key)
-        if applied is not None and applied.fingerprint == _fingerprint(target):
+        if applied is not None and applied.fingerprint == target.fingerprint:
             return False
         backoff = self.state.backoff.get(target.key)
         return backoff is None or backoff.retry_at <= now
@@ -585,7 +600,7 @@ class RunnerWorker:
             request_body = dmrmodel.configure_request(target, backend)
             request = wire.ConfigureRequest.model_validate(request_body)
             applied = Applied(
-                fingerprint=_fingerprint(target),
+                fingerprint=target.fingerprint,
                 backend=backend,
                 digest=wire.digest_of(stored),
                 request=request_body,
@@ -610,7 +625,7 @@ class RunnerWorker:
         except modelrunner.ConfigRejected as error:
             # Deterministic: the same request would be rejected again. Wait for a spec change.
             self.state.applied[target.key] = Applied(
-                fingerprint=_fingerprint(target), backend="", digest="", request={}, rejected=True
+                fingerprint=target.fingerprint, backend="", digest="", request={}, rejected=True
             )
             self._fail(target, Reason.CONFIG_REJECTED, str(error))
         except modelrunner.PullFailed as error:
@@ -792,11 +807,6 @@ async def _resolved_address_problem(base_url: str) -> str | None:
         if runner_views.refused_address(address):
             return f"runners.url host {host!r} resolves to {address}, a refused address"
     return None
-
-
-def _fingerprint(target: ModelTarget) -> str:
-    spec = target.spec
-    return f"{target.uid}:{target.generation}:{spec.model_dump_json() if spec else ''}"
 
 
 def _index_store(models: Iterable[wire.StoreModel]) -> dict[str, wire.StoreModel]:

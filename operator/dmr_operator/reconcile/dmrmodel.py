@@ -9,6 +9,7 @@ runner wins. The controller in ``dmr_operator.controllers.dmrmodels`` drives the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -89,6 +90,15 @@ class ModelTarget:
         if self.spec and self.spec.runners and self.spec.runners.pool_selector:
             return self.spec.runners.pool_selector.to_api()
         return DEFAULT_POOL_SELECTOR
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """What a runner worker compares with what it applied: same object, generation and spec.
+
+        Cached: workers compare it for every model on every pass, and a spec dump is not free.
+        """
+        spec = self.spec.model_dump_json() if self.spec else ""
+        return f"{self.uid}:{self.generation}:{spec}"
 
     @property
     def identity(self) -> tuple[str, str, str]:
