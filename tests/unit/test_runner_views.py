@@ -130,3 +130,20 @@ async def test_allowed_name_resolving_to_a_refused_address_is_caught_at_call_tim
 
     assert await dmrmodels._resolved_address_problem("http://169.254.1.1:12434") is not None
     assert await dmrmodels._resolved_address_problem("http://127.0.0.1:12434") is None
+
+
+def test_a_service_fronts_a_pool_when_its_whole_selector_is_on_the_pool_pods() -> None:
+    pool = {"dmr.dev/pool": "default", "app": "runner"}
+    assert runners.fronts_pool({"spec": {"selector": {"dmr.dev/pool": "default"}}}, pool)
+    assert not runners.fronts_pool({"spec": {"selector": {"dmr.dev/agent": "helper"}}}, pool)
+    assert not runners.fronts_pool({"spec": {"selector": {}}}, pool)  # selects nothing
+    assert not runners.fronts_pool(None, pool)
+
+
+def test_only_selector_and_ports_of_a_service_decide_an_endpoint() -> None:
+    service = {"metadata": {"resourceVersion": "1"}, "spec": {"selector": {"a": "b"}, "ports": []}}
+    bumped = {**service, "metadata": {"resourceVersion": "2", "annotations": {"x": "y"}}}
+    assert runners.endpoint_facts(service) == runners.endpoint_facts(bumped)
+    moved = {**service, "spec": {"selector": {"a": "b"}, "ports": [{"port": 81}]}}
+    assert runners.endpoint_facts(service) != runners.endpoint_facts(moved)
+    assert runners.endpoint_facts(None) is None

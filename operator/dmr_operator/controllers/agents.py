@@ -515,6 +515,8 @@ class AgentController:
         self.workloads: dict[tuple[str, str], Mapping[str, Any]] = {}  # (kind, "ns/name")
         self.pods: dict[str, dict[str, agent_status.PodFacts]] = {}  # "ns/agent" -> pod -> facts
         self._primed_namespaces: set[str] = set()
+        # Parallel first reconciles in one namespace share one DMRModel listing.
+        self._priming: dict[str, asyncio.Lock] = {}
         self.writes = 0
         self.queue = WorkQueue(
             self.reconcile,
@@ -634,7 +636,7 @@ class AgentController:
             return
         namespace, name = key.split("/", 1)
         if not state.seen:
-            await self._prime(key, namespace, name)
+            await self._prime(state, key, namespace, name)
         agent = state.body
         others = {
             other.split("/", 1)[1]: s.endpoints
@@ -673,7 +675,7 @@ class AgentController:
             state.seen = True
             logger.info("agent %s: %s", key, "reconciled" if any(wrote) else "in sync")
 
-    async def _prime(self, key: str, namespace: str, name: str) -> None:
+    async def _prime(self, state: _AgentState, key: str, namespace: str, name: str) -> None:
         """Read what the first reconcile depends on, whatever the watches delivered so far.
 
         After an operator start, kopf's watches of Agents, DMRModels, workloads and pods arrive
@@ -681,15 +683,17 @@ class AgentController:
         configuration without models (scaling the agent to 0) and write a status of 0 ready pods,
         only to undo both a moment later. Reads only, once per Agent (and per namespace).
         """
-        if namespace not in self._primed_namespaces:
-            listing = await self.kube.request(
-                "GET",
-                f"/apis/{constants.API_VERSION}/namespaces/{namespace}/{constants.DMRMODEL_PLURAL}",
-            )
-            served = self.served.setdefault(namespace, {})
-            for item in (listing or {}).get("items") or ():
-                served.setdefault(str(item["metadata"]["name"]), served_model(item))
-            self._primed_namespaces.add(namespace)
+        async with self._priming.setdefault(namespace, asyncio.Lock()):
+            if namespace not in self._primed_namespaces:
+                listing = await self.kube.request(
+                    "GET",
+                    f"/apis/{constants.API_VERSION}/namespaces/{namespace}/"
+                    f"{constants.DMRMODEL_PLURAL}",
+                )
+                served = self.served.setdefault(namespace, {})
+                for item in (listing or {}).get("items") or ():
+                    served.setdefault(str(item["metadata"]["name"]), served_model(item))
+                self._primed_namespaces.add(namespace)
         listing = await self.kube.request(
             "GET",
             f"/api/v1/namespaces/{namespace}/pods",
@@ -707,6 +711,10 @@ class AgentController:
                 )
                 if live is not None:
                     self.workloads[(kind, key)] = live
+                else:
+                    # Known absent: no second read before creating it or deciding it is not
+                    # stale. If it appears meanwhile, workload_changed forgets this.
+                    state.applied.setdefault((kind, name), "")
 
     async def _ensure_child(self, state: _AgentState, child: dict[str, Any], digest: str) -> bool:
         """Apply the child unless it is known (or found) to be applied already; True = wrote."""
@@ -718,12 +726,15 @@ class AgentController:
         if remembered == digest:
             return False
         if remembered is None:
-            live = await self.kube.get(
-                api_version=child["apiVersion"],
-                kind=kind,
-                namespace=metadata["namespace"],
-                name=metadata["name"],
-            )
+            # A workload was read (or watched) while priming; other children are read now.
+            live = self.workloads.get((kind, f"{metadata['namespace']}/{metadata['name']}"))
+            if live is None:
+                live = await self.kube.get(
+                    api_version=child["apiVersion"],
+                    kind=kind,
+                    namespace=metadata["namespace"],
+                    name=metadata["name"],
+                )
             if live_hash(live) == digest:  # an operator restart: the cluster already has it
                 state.applied[child_key] = digest
                 state.workload_generation = max(

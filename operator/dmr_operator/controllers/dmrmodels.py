@@ -180,12 +180,21 @@ class DMRModelController:
         metadata = body.get("metadata") or {}
         namespace = str(metadata.get("namespace"))
         by_name = self.services.setdefault(namespace, {})
-        if deleted:
-            by_name.pop(str(metadata.get("name")), None)
-        else:
-            by_name[str(metadata.get("name"))] = body
+        name = str(metadata.get("name"))
+        previous = by_name.pop(name, None) if deleted else by_name.get(name)
+        if not deleted:
+            by_name[name] = body
+        if not deleted and runner_views.endpoint_facts(previous) == runner_views.endpoint_facts(
+            body
+        ):
+            return
+        # Only DMRModels whose pool this Service fronts (or fronted) can see their endpoint
+        # change: an Agent's own Service must not recompute a thousand statuses.
         for key, target in self.targets.items():
-            if target.namespace == namespace:
+            if target.namespace == namespace and any(
+                runner_views.fronts_pool(service, target.pool_labels)
+                for service in (previous, None if deleted else body)
+            ):
                 self.status.mark(key)
 
     def set_sidecar_models(self, namespace: str, pool: str, model_names: Iterable[str]) -> None:

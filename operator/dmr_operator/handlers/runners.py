@@ -15,7 +15,7 @@ async def runner_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> N
     memo.dmrmodels.pod_changed(event["object"], deleted=event["type"] == "DELETED")
 
 
-@kopf.on.event("", "v1", "services")
+@kopf.on.event("", "v1", "services", labels={constants.AGENT_LABEL: kopf.ABSENT})
 async def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    """Services decide the endpoint a DMRModel publishes for its pool."""
+    """Services decide the endpoint a DMRModel publishes for its pool (an Agent's own do not)."""
     memo.dmrmodels.service_changed(event["object"], deleted=event["type"] == "DELETED")

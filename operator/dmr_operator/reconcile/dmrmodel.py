@@ -21,7 +21,7 @@ import pydantic
 from dmr_operator import constants
 from dmr_operator.api.v1alpha1.dmrmodel import DMRModelSpec, RunnerState
 from dmr_operator.dmr import references, validation
-from dmr_operator.reconcile import conditions, documents, runners
+from dmr_operator.reconcile import conditions, documents, runners, selectors
 
 DEFAULT_POOL_SELECTOR: Mapping[str, Any] = {
     "matchLabels": {constants.POOL_LABEL: constants.DEFAULT_POOL}
@@ -90,6 +90,11 @@ class ModelTarget:
         if self.spec and self.spec.runners and self.spec.runners.pool_selector:
             return self.spec.runners.pool_selector.to_api()
         return DEFAULT_POOL_SELECTOR
+
+    @functools.cached_property
+    def pool_labels(self) -> dict[str, str]:
+        """Labels every runner pod of this model's pool carries (what a pool Service selects)."""
+        return selectors.implied_labels(self.pool_selector)
 
     @functools.cached_property
     def fingerprint(self) -> str:

@@ -122,11 +122,7 @@ def pool_service_endpoint(
     does not route, so agents can never replace the operator's configuration.
     """
     pool_labels = selectors.implied_labels(selector)
-    candidates = []
-    for service in services:
-        service_selector = (service.get("spec") or {}).get("selector") or {}
-        if service_selector and all(pool_labels.get(k) == v for k, v in service_selector.items()):
-            candidates.append(service)
+    candidates = [service for service in services if fronts_pool(service, pool_labels)]
     if not candidates:
         return None
     service = min(candidates, key=lambda s: str(s["metadata"]["name"]))
@@ -135,6 +131,23 @@ def pool_service_endpoint(
         return None
     meta = service["metadata"]
     return f"http://{meta['name']}.{meta['namespace']}.svc:{port}/v1"
+
+
+def fronts_pool(service: Mapping[str, Any] | None, pool_labels: Mapping[str, str]) -> bool:
+    """Does ``service`` send traffic to every pod carrying ``pool_labels`` (a pool's labels)?"""
+    service_selector = ((service or {}).get("spec") or {}).get("selector") or {}
+    return bool(service_selector) and all(
+        pool_labels.get(k) == v for k, v in service_selector.items()
+    )
+
+
+def endpoint_facts(service: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
+    """What of a Service an endpoint depends on: another watch event with the same facts
+    (a resourceVersion bump, an annotation) changes no DMRModel's endpoint."""
+    if service is None:
+        return None
+    spec = service.get("spec") or {}
+    return (spec.get("selector"), spec.get("ports"))
 
 
 def _service_port(service: Mapping[str, Any]) -> int | None:

@@ -1,0 +1,68 @@
+"""DMRModelController's bookkeeping without I/O: which watch events make status work.
+
+What it does on a real apiserver and runners is in tests/integration/test_dmrmodel.py; here only
+the cost rules: an event that cannot change a DMRModel's status must not mark it for recompute
+(at a thousand DMRModels, every marked one is a status computation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from dmr_operator.controllers import dmrmodels
+from dmr_operator.testing import cluster
+
+
+def controller_with_models(*names: str) -> dmrmodels.DMRModelController:
+    controller = dmrmodels.DMRModelController(
+        http=httpx.AsyncClient(),
+        kube=None,  # type: ignore[arg-type]  # no API calls in these tests
+        settings=dmrmodels.ControllerSettings(),
+    )
+    for index, name in enumerate(names):
+        body = cluster.dmrmodel(name, {"model": f"ai/m{index}"})
+        body["metadata"] |= {"namespace": "ns", "uid": f"uid-{name}", "generation": 1}
+        controller.model_changed(body)
+    controller.status._dirty.clear()
+    return controller
+
+
+def service(name: str, selector: dict[str, str], **metadata: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "ns", **metadata},
+        "spec": {"selector": selector, "ports": [{"port": 80, "targetPort": 12434}]},
+    }
+
+
+def marked(controller: dmrmodels.DMRModelController) -> set[str]:
+    found = set(controller.status._dirty)
+    controller.status._dirty.clear()
+    return found
+
+
+def test_an_agents_service_marks_no_dmrmodel() -> None:
+    controller = controller_with_models("a", "b")
+    controller.service_changed(service("helper", {"dmr.dev/agent": "helper"}))
+    assert marked(controller) == set()
+
+
+def test_a_pool_service_marks_the_models_of_its_pool_once() -> None:
+    controller = controller_with_models("a", "b")
+    pool = service("dmr-pool-default", {"dmr.dev/pool": "default"}, resourceVersion="1")
+    controller.service_changed(pool)
+    assert marked(controller) == {"ns/a", "ns/b"}
+    # The same Service again (resourceVersion bump, annotation): no endpoint can change.
+    controller.service_changed({**pool, "metadata": {**pool["metadata"], "resourceVersion": "2"}})
+    assert marked(controller) == set()
+    controller.service_changed(pool, deleted=True)
+    assert marked(controller) == {"ns/a", "ns/b"}
+
+
+def test_a_service_that_stops_fronting_the_pool_marks_its_models() -> None:
+    controller = controller_with_models("a")
+    controller.service_changed(service("front", {"dmr.dev/pool": "default"}))
+    marked(controller)
+    controller.service_changed(service("front", {"dmr.dev/pool": "elsewhere"}))
+    assert marked(controller) == {"ns/a"}
