@@ -236,6 +236,19 @@ def test_two_agent_config_is_ready_with_the_golden_rendering_and_quiet_after_res
             restarted.log_tail()
         )
 
+        # A second Agent on the same runners: the team, whose agents unload on switch, is looked
+        # at again and now warns about it.
+        objects.create(AGENTS, agent("helper", one_agent_config()))
+
+        def team_warnings() -> list[str]:
+            return list(((objects.get(AGENTS, "team") or {}).get("status") or {})["warnings"])
+
+        wait_for(
+            lambda: any("Agent helper" in w for w in team_warnings()),
+            timeout=30,
+            message="the team's unload warning naming Agent helper",
+        )
+
 
 def test_sidecar_agent_wanting_more_gpus_than_the_nodes_have(
     namespace: str,

@@ -192,6 +192,17 @@ def test_unload_hook_warning_names_the_agents_sharing_the_pool() -> None:
     assert "Agent writer" in shared.status["warnings"][0]
 
 
+def test_only_agents_with_an_unload_hook_depend_on_other_agents() -> None:
+    # Only those are looked at again when another Agent's endpoints change (else N^2 plans).
+    body = agent()
+    assert not agent_status.depends_on_other_agents(body)
+    body["spec"]["config"]["agents"]["root"]["hooks"] = {
+        "on_agent_switch": [{"type": "builtin", "command": "unload"}]
+    }
+    assert agent_status.depends_on_other_agents(body)
+    assert not agent_status.depends_on_other_agents({"spec": {"config": "not a mapping"}})
+
+
 def test_invalid_spec_fails_without_children() -> None:
     body = agent(replicas=-1)
     result = plan(body, dmrmodel("qwen"))

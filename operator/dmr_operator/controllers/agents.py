@@ -668,7 +668,10 @@ class AgentController:
         if plan.endpoints != state.endpoints:
             state.endpoints = plan.endpoints
             for other in others:
-                self.queue.add(f"{namespace}/{other}")
+                other_key = f"{namespace}/{other}"
+                # Not every Agent of the namespace: N Agents starting would cost N^2 plans.
+                if agent_status.depends_on_other_agents(self.agents[other_key].body):
+                    self.queue.add(other_key)
         wrote.append(await self._write_status(key, state, plan.status))
         if not state.seen:
             # The first look after a start: says whether the cluster was already up to date.

@@ -274,6 +274,14 @@ def unload_hook_warnings(
     ]
 
 
+def depends_on_other_agents(agent_object: Mapping[str, Any]) -> bool:
+    """Does this Agent's status name other Agents (an unload hook on shared runners)? Only such
+    Agents need another look when another Agent's endpoints change."""
+    config = (agent_object.get("spec") or {}).get("config")
+    agents = config.get("agents") if isinstance(config, Mapping) else None
+    return isinstance(agents, Mapping) and any(_has_unload_hook(a) for a in agents.values())
+
+
 def _has_unload_hook(agent: Any) -> bool:
     if not isinstance(agent, Mapping):
         return False
