@@ -11,6 +11,7 @@ proves in one shape are checked here from another angle (longer faults, restarts
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -323,133 +324,129 @@ def test_operator_sigkill_mid_reconcile_and_restart(
     report("operator SIGKILL mid-pull", ready_after_restart_s=f"{recovery:.1f}")
 
 
-def test_two_replicas_only_the_lease_holder_acts_and_standbys_take_over(
-    api_client: Any,
-    operator_kubeconfig: Path,
-    namespace: str,
-    node_simulator: Any,
-    emulators: cluster.EmulatorFactory,
-    crds: None,
-    leader_election: Any,
-    objects: cluster.CustomObjects,
-) -> None:
-    pods = pool(api_client, node_simulator, namespace, 2)
-    replicas: list[OperatorProcess] = []
+@pytest.fixture
+def replica(
+    operator_kubeconfig: Path, namespace: str, crds: None, leader_election: Any
+) -> Iterator[Callable[..., OperatorProcess]]:
+    """Starts operator replicas that elect through the chart's Lease (6 s lease); all are
+    stopped at the end and their log tails printed (and checked for missing rights)."""
+    started: list[OperatorProcess] = []
 
-    def replica(*extra_args: str) -> OperatorProcess:
+    def start(*extra_args: str) -> OperatorProcess:
         process = OperatorProcess(
             kubeconfig=operator_kubeconfig,
             namespaces=[namespace],
             verify_interval=2,
             extra_args=[*leader_election.args, *extra_args],
         )
-        replicas.append(process)
+        started.append(process)
         return process.start()
+
+    yield start
+    for process in started:
+        process.stop()
+    for index, process in enumerate(started):
+        print(f"--- replica {index} log (tail) ---\n{process.log_tail(30)}")
+        assert "Forbidden" not in process.log()
+
+
+def test_two_replicas_only_the_lease_holder_acts_and_standbys_take_over(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    replica: Callable[..., OperatorProcess],
+    objects: cluster.CustomObjects,
+) -> None:
+    pods = pool(api_client, node_simulator, namespace, 2)
 
     def configured_per_pod(count: int) -> None:
         for pod in pods:
             assert len(configures(emulators.of(namespace, pod))) == count
 
-    try:
-        first = replica()
-        wait_for(first.leading, timeout=20, message="the first replica to lead")
-        probe = f"http://127.0.0.1:{controlplane.free_port()}/healthz"
-        second = replica(f"--liveness={probe}")
-        assert second.standing_by() and not second.leading()
-        # A standby answers its liveness probe, or the kubelet would keep restarting it.
-        assert httpx.get(probe, timeout=5).json() == {"standby": True}
-        for index, mode in enumerate(MODES):
-            objects.create(PLURAL, cluster.dmrmodel(f"m{index}", {**SMOL, "mode": mode}))
-        for index in range(3):
-            objects.wait_phase(PLURAL, f"m{index}", "Ready", timeout=30)
-        time.sleep(3)  # room for a second actor to show itself (two verify intervals)
-        configured_per_pod(3)
+    first = replica()
+    wait_for(first.leading, timeout=20, message="the first replica to lead")
+    probe = f"http://127.0.0.1:{controlplane.free_port()}/healthz"
+    second = replica(f"--liveness={probe}")
+    assert second.standing_by() and not second.leading()
+    # A standby answers its liveness probe, or the kubelet would keep restarting it.
+    assert httpx.get(probe, timeout=5).json() == {"standby": True}
+    for index, mode in enumerate(MODES):
+        objects.create(PLURAL, cluster.dmrmodel(f"m{index}", {**SMOL, "mode": mode}))
+    for index in range(3):
+        objects.wait_phase(PLURAL, f"m{index}", "Ready", timeout=30)
+    time.sleep(3)  # room for a second actor to show itself (two verify intervals)
+    configured_per_pod(3)
 
-        # A clean stop releases the lease: the standby leads within a retry period or two.
-        stopped = time.monotonic()
-        assert first.stop() == 0
-        wait_for(second.leading, timeout=10, message="the standby to lead after a release")
-        handover = time.monotonic() - stopped
-        wait_for(  # the same port, now kopf's own probe
-            lambda: "standby" not in httpx.get(probe, timeout=5).text,
-            timeout=10,
-            message="kopf to serve the liveness probe",
-            ignore=(httpx.HTTPError,),
-        )
-        objects.create(PLURAL, cluster.dmrmodel("after-release", {"model": "ai/qwen3:0.6B"}))
-        objects.wait_phase(PLURAL, "after-release", "Ready", timeout=30)
-        configured_per_pod(4)  # the new leader read back first: nothing configured twice
+    # A clean stop releases the lease: the standby leads within a retry period or two.
+    stopped = time.monotonic()
+    assert first.stop() == 0
+    wait_for(second.leading, timeout=10, message="the standby to lead after a release")
+    handover = time.monotonic() - stopped
+    wait_for(  # the same port, now kopf's own probe
+        lambda: "standby" not in httpx.get(probe, timeout=5).text,
+        timeout=10,
+        message="kopf to serve the liveness probe",
+        ignore=(httpx.HTTPError,),
+    )
+    objects.create(PLURAL, cluster.dmrmodel("after-release", {"model": "ai/qwen3:0.6B"}))
+    objects.wait_phase(PLURAL, "after-release", "Ready", timeout=30)
+    configured_per_pod(4)  # the new leader read back first: nothing configured twice
 
-        # A killed leader renews nothing: a standby leads once the lease duration has passed.
-        third = replica()
-        assert third.standing_by()
-        second.kill()
-        killed = time.monotonic()
-        objects.create(PLURAL, cluster.dmrmodel("after-kill", {"model": "ai/qwen3:14B"}))
-        objects.wait_phase(PLURAL, "after-kill", "Ready", timeout=60)
-        takeover = time.monotonic() - killed
-        assert takeover >= 4  # not before the lost leader's lease could have run out
-        configured_per_pod(5)
-        report(
-            "two replicas with leader election",
-            configures_per_model_pod=1,
-            handover_after_release_s=f"{handover:.1f}",
-            ready_after_leader_sigkill_s=f"{takeover:.1f}",
-        )
-    finally:
-        for process in replicas:
-            process.stop()
-        for index, process in enumerate(replicas):
-            print(f"--- replica {index} log (tail) ---\n{process.log_tail(30)}")
-            assert "Forbidden" not in process.log()
+    # A killed leader renews nothing: a standby leads once the lease duration has passed.
+    third = replica()
+    assert third.standing_by()
+    second.kill()
+    killed = time.monotonic()
+    objects.create(PLURAL, cluster.dmrmodel("after-kill", {"model": "ai/qwen3:14B"}))
+    objects.wait_phase(PLURAL, "after-kill", "Ready", timeout=60)
+    takeover = time.monotonic() - killed
+    assert takeover >= 4  # not before the lost leader's lease could have run out
+    configured_per_pod(5)
+    report(
+        "two replicas with leader election",
+        configures_per_model_pod=1,
+        handover_after_release_s=f"{handover:.1f}",
+        ready_after_leader_sigkill_s=f"{takeover:.1f}",
+    )
 
 
 def test_a_leader_that_cannot_renew_its_lease_stops_and_exits(
     api_client: Any,
-    operator_kubeconfig: Path,
     namespace: str,
     node_simulator: Any,
     emulators: cluster.EmulatorFactory,
-    crds: None,
+    replica: Callable[..., OperatorProcess],
     leader_election: Any,
     objects: cluster.CustomObjects,
 ) -> None:
     (pod,) = pool(api_client, node_simulator, namespace, 1)
-    leader = OperatorProcess(
-        kubeconfig=operator_kubeconfig,
-        namespaces=[namespace],
-        verify_interval=2,
-        extra_args=leader_election.args,
-    ).start()
-    try:
-        wait_for(leader.leading, timeout=20, message="the replica to lead")
-        objects.create(PLURAL, cluster.dmrmodel("m", SMOL))
-        objects.wait_phase(PLURAL, "m", "Ready", timeout=30)
-        # Another holder appears (a partition healed the other way, a manual edit): this
-        # replica must assume it is no longer the only actor.
-        coordination: Any = kubernetes.client.CoordinationV1Api(api_client)
-        taken = time.monotonic()
-        coordination.patch_namespaced_lease(
-            leader_election.name,
-            leader_election.namespace,
-            {"spec": {"holderIdentity": "intruder", "renewTime": _micro_now()}},
-        )
-        wait_for(
-            lambda: leader.process is not None and leader.process.poll() is not None,
-            timeout=20,
-            message="the replica to exit",
-        )
-        exited = time.monotonic() - taken
-        assert leader.process is not None and leader.process.returncode == 1
-        assert "not renewed" in leader.log()
-        # Gone for good: a new model is not configured by it.
-        objects.create(PLURAL, cluster.dmrmodel("later", {"model": "ai/qwen3:0.6B"}))
-        time.sleep(2)
-        assert not configures(emulators.of(namespace, pod), "ai/qwen3:0.6B")
-        report("leader loses its lease", exited_after_s=f"{exited:.1f}")
-    finally:
-        leader.stop()
-        print(f"--- replica log (tail) ---\n{leader.log_tail(30)}")
+    leader = replica()
+    wait_for(leader.leading, timeout=20, message="the replica to lead")
+    objects.create(PLURAL, cluster.dmrmodel("m", SMOL))
+    objects.wait_phase(PLURAL, "m", "Ready", timeout=30)
+    # Another holder appears (a partition healed the other way, a manual edit): this
+    # replica must assume it is no longer the only actor.
+    coordination: Any = kubernetes.client.CoordinationV1Api(api_client)
+    taken = time.monotonic()
+    coordination.patch_namespaced_lease(
+        leader_election.name,
+        leader_election.namespace,
+        {"spec": {"holderIdentity": "intruder", "renewTime": _micro_now()}},
+    )
+    wait_for(
+        lambda: leader.process is not None and leader.process.poll() is not None,
+        timeout=20,
+        message="the replica to exit",
+    )
+    exited = time.monotonic() - taken
+    assert leader.process is not None and leader.process.returncode == 1
+    assert "not renewed" in leader.log()
+    # Gone for good: a new model is not configured by it.
+    objects.create(PLURAL, cluster.dmrmodel("later", {"model": "ai/qwen3:0.6B"}))
+    time.sleep(2)
+    assert not configures(emulators.of(namespace, pod), "ai/qwen3:0.6B")
+    report("leader loses its lease", exited_after_s=f"{exited:.1f}")
 
 
 def _micro_now() -> str:
