@@ -66,3 +66,22 @@ def test_a_service_that_stops_fronting_the_pool_marks_its_models() -> None:
     marked(controller)
     controller.service_changed(service("front", {"dmr.dev/pool": "elsewhere"}))
     assert marked(controller) == {"ns/a"}
+
+
+def test_events_older_than_our_status_write_do_not_undo_it() -> None:
+    controller = controller_with_models("a")
+    body = dict(controller.bodies["ns/a"])
+    ready = {"phase": "Ready"}
+
+    def event(version: str, status: dict[str, Any]) -> None:
+        metadata = {**body["metadata"], "resourceVersion": version}
+        controller.model_changed({**body, "metadata": metadata, "status": status})
+
+    # Our patch answered resourceVersion 7; kopf's finalizer patch (6) is still on its way.
+    controller.status._unechoed["ns/a"] = ("7", ready)
+    event("6", {})
+    assert controller.bodies["ns/a"]["status"] == ready
+    event("7", ready)  # the echo: from here on the watch is ahead of our write
+    assert "ns/a" not in controller.status._unechoed
+    event("8", {"phase": "Failed"})  # somebody else's write is taken (and will be corrected)
+    assert controller.bodies["ns/a"]["status"] == {"phase": "Failed"}

@@ -137,6 +137,7 @@ class DMRModelController:
         """A DMRModel was added or modified (any watch event, status-only ones included)."""
         metadata = body.get("metadata") or {}
         key = f"{metadata.get('namespace')}/{metadata.get('name')}"
+        body = self.status.current(body)
         self.bodies[key] = body
         if metadata.get("deletionTimestamp"):
             return
@@ -161,6 +162,7 @@ class DMRModelController:
         key = f"{namespace}/{name}"
         self.targets.pop(key, None)
         self.bodies.pop(key, None)
+        self.status.forget(key)
         for placement_key in [k for k in self.placements if k[0] == key]:
             del self.placements[placement_key]
         self._namespace_changed(namespace)
@@ -854,6 +856,32 @@ class StatusWriter:
         self._task: asyncio.Task[None] | None = None
         self._pending_events: list[tuple[str, str, str, str]] = []
         self.writes = 0
+        self._unechoed: dict[str, tuple[str | None, dict[str, Any]]] = {}
+        """Per DMRModel: resourceVersion and status of our last write, until its watch echo."""
+
+    def current(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A watched body, with our last status write when the body predates it.
+
+        Watch events arrive in resourceVersion order, so until the echo of our status patch
+        arrives, every event (kopf's own finalizer patch, the create) carries the status from
+        before it. Taken as is, that stale status made the next computation look like a new
+        transition: a second status write and a second ``Configured`` Event.
+        """
+        metadata = body.get("metadata") or {}
+        key = f"{metadata.get('namespace')}/{metadata.get('name')}"
+        unechoed = self._unechoed.get(key)
+        if unechoed is None:
+            return body
+        version, status = unechoed
+        if metadata.get("resourceVersion") == version or _same_status(
+            body.get("status") or {}, status
+        ):
+            del self._unechoed[key]  # the echo (or a later event that includes our write)
+            return body
+        return {**body, "status": status}
+
+    def forget(self, key: str) -> None:
+        self._unechoed.pop(key, None)
 
     def mark(self, key: str) -> None:
         self._dirty.add(key)
@@ -918,7 +946,7 @@ class StatusWriter:
         patch.update(status)
         metadata = body["metadata"]
         try:
-            await self.controller.kube.patch_status(
+            written = await self.controller.kube.patch_status(
                 api_version=constants.API_VERSION,
                 kind=constants.DMRMODEL_KIND,
                 namespace=metadata["namespace"],
@@ -933,8 +961,10 @@ class StatusWriter:
             logger.warning("status of %s not written: %s", key, error)
             self.mark(key)
             return
-        # Remember what we wrote, so the echo of our own write does not look like a change.
+        # Remember what we wrote, so neither its echo nor older events look like a change.
         self.controller.bodies[key] = {**body, "status": status}
+        version = ((written or {}).get("metadata") or {}).get("resourceVersion")
+        self._unechoed[key] = (version, status)
         old_phase = previous.get("phase")
         if old_phase != status.get("phase"):
             if status.get("phase") == "Ready":
