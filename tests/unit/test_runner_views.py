@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from dmr_operator.reconcile import runners, selectors
+from dmr_operator.reconcile import documents, runners, selectors
 
 
 def pod(**status: Any) -> dict[str, Any]:
@@ -147,3 +147,12 @@ def test_only_selector_and_ports_of_a_service_decide_an_endpoint() -> None:
     moved = {**service, "spec": {"selector": {"a": "b"}, "ports": [{"port": 81}]}}
     assert runners.endpoint_facts(service) != runners.endpoint_facts(moved)
     assert runners.endpoint_facts(None) is None
+
+
+def test_watched_objects_are_kept_without_managed_fields() -> None:
+    body = {"metadata": {"name": "m", "managedFields": [{"manager": "kubectl"}]}, "spec": {}}
+    lean = documents.without_managed_fields(body)
+    assert lean == {"metadata": {"name": "m"}, "spec": {}}
+    assert body["metadata"]["managedFields"]  # the watched object itself is not changed
+    plain = {"metadata": {"name": "m"}}
+    assert documents.without_managed_fields(plain) is plain

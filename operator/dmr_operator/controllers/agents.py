@@ -33,7 +33,7 @@ from dmr_operator.api.v1alpha1 import agent as agent_api
 from dmr_operator.clients import kube as kube_client
 from dmr_operator.dmr import references, validation
 from dmr_operator.reconcile import agent as agent_models
-from dmr_operator.reconcile import agent_config, agent_status, agent_workload, conditions
+from dmr_operator.reconcile import agent_config, agent_status, agent_workload, conditions, documents
 
 logger = logging.getLogger(__name__)
 
@@ -528,6 +528,7 @@ class AgentController:
     # --- inputs from kopf handlers --------------------------------------------------------------
 
     def agent_changed(self, body: Mapping[str, Any]) -> None:
+        body = documents.without_managed_fields(body)
         key = _key(body)
         state = self.agents.get(key)
         if state is None:
@@ -573,7 +574,7 @@ class AgentController:
         if deleted:
             self.workloads.pop((kind, key), None)
         else:
-            self.workloads[(kind, key)] = body
+            self.workloads[(kind, key)] = documents.without_managed_fields(body)
         state = self.agents.get(agent) if agent else None
         if state is None or agent is None:
             return

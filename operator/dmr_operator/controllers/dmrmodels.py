@@ -27,7 +27,7 @@ from dmr_operator import constants, metrics
 from dmr_operator.clients import kube as kube_client
 from dmr_operator.clients import modelrunner
 from dmr_operator.dmr import references, wire
-from dmr_operator.reconcile import dmrmodel, selectors
+from dmr_operator.reconcile import dmrmodel, documents, selectors
 from dmr_operator.reconcile import runners as runner_views
 from dmr_operator.reconcile.dmrmodel import ModelTarget, Placement, Reason
 
@@ -137,7 +137,7 @@ class DMRModelController:
         """A DMRModel was added or modified (any watch event, status-only ones included)."""
         metadata = body.get("metadata") or {}
         key = f"{metadata.get('namespace')}/{metadata.get('name')}"
-        body = self.status.current(body)
+        body = self.status.current(documents.without_managed_fields(body))
         self.bodies[key] = body
         if metadata.get("deletionTimestamp"):
             return

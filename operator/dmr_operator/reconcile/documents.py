@@ -1,4 +1,4 @@
-"""Walking JSON-like documents (spec fields users write freely) with readable paths. Pure."""
+"""JSON-like documents: walking them with readable paths, keeping watched objects lean. Pure."""
 
 from __future__ import annotations
 
@@ -16,3 +16,16 @@ def iter_keys(value: Any, path: str = "") -> Iterator[tuple[str, str, Any]]:
     elif isinstance(value, list):
         for index, child in enumerate(value):
             yield from iter_keys(child, f"{path}[{index}]")
+
+
+def without_managed_fields(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``body`` without ``metadata.managedFields``: server-side-apply bookkeeping, often the
+    largest part of an object and never read here. Controllers keep thousands of watched
+    objects in memory."""
+    metadata = body.get("metadata")
+    if not isinstance(metadata, Mapping) or "managedFields" not in metadata:
+        return body
+    return {
+        **body,
+        "metadata": {k: v for k, v in metadata.items() if k != "managedFields"},
+    }
