@@ -199,7 +199,8 @@ def test_operator_with_the_charts_rbac_reconciles_and_is_refused_outside_its_rig
         # The chart's probe and metrics ports, as the kubelet and Prometheus would see them.
         assert httpx.get(f"http://127.0.0.1:{liveness_port}/healthz", timeout=5).is_success
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
-        assert metrics.is_success and "dmr" in metrics.text
+        assert metrics.is_success and "dmr_operator_models" in metrics.text
+        assert "dmr_operator_leader 1.0" in metrics.text  # elected, or running alone
 
         refused_outside_its_rights(kubeconfig, namespace=namespace, cluster_wide=cluster_wide)
     finally:
