@@ -46,6 +46,9 @@ class ControllerSettings:
     """Hosts an external ``runners.url`` may name (the SSRF boundary)."""
     parallel_per_runner: int = 8
     """Models configured concurrently on one runner."""
+    targeted_readback: int = 4
+    """Up to this many models sent in one pass are read back one by one (``?model=``); more,
+    and the whole listing is read once. The listing grows with the models on the runner."""
     busy_backoff: tuple[float, float] = (1.0, 30.0)
     """First and longest delay when a runner answers 409 busy."""
     unreachable_backoff: tuple[float, float] = (1.0, 30.0)
@@ -549,8 +552,9 @@ class RunnerWorker:
                         return await self._apply(client, target, entries)
 
                 sent = await asyncio.gather(*(apply(t) for t in work))
-                if any(sent):
-                    entries = await client.read_configs()
+                sent_targets = [t for t, was_sent in zip(work, sent, strict=True) if was_sent]
+                if sent_targets:
+                    entries = await self._read_back(client, entries, sent_targets)
                 for target in work:
                     self._check(target, entries)
             state.entries = entries
@@ -563,6 +567,21 @@ class RunnerWorker:
                 self._fail(target, Reason.RUNNER_UNREACHABLE, f"{error} (retry in {delay:.0f}s)")
         self._mark_visited(targets)
         await self._update_readiness_gate(targets)
+
+    async def _read_back(
+        self,
+        client: modelrunner.ModelRunnerClient,
+        entries: list[wire.ModelConfigEntry],
+        sent: list[ModelTarget],
+    ) -> list[wire.ModelConfigEntry]:
+        """The runner's configs after sending ``sent``: the whole listing, or for a few models
+        their own entries merged into the listing already known (by model digest)."""
+        if len(sent) > self.controller.settings.targeted_readback:
+            return await client.read_configs()
+        digests = {a.digest for t in sent if (a := self.state.applied.get(t.key)) is not None}
+        models = dict.fromkeys(t.normalized for t in sent if t.normalized)
+        fresh = [e for model in models for e in await client.read_configs(model)]
+        return [e for e in entries if e.model_id not in digests] + fresh
 
     def _mark_visited(self, targets: list[ModelTarget]) -> None:
         for target in targets:
