@@ -875,29 +875,31 @@ class StatusWriter:
         self._task: asyncio.Task[None] | None = None
         self._pending_events: list[tuple[str, str, str, str]] = []
         self.writes = 0
-        self._unechoed: dict[str, tuple[str | None, dict[str, Any]]] = {}
-        """Per DMRModel: resourceVersion and status of our last write, until its watch echo."""
+        self._unechoed: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
+        """Per DMRModel, until the watch shows our last status write: the statuses it replaced
+        (oldest first) and the status written."""
 
     def current(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """A watched body, with our last status write when the body predates it.
 
-        Watch events arrive in resourceVersion order, so until the echo of our status patch
-        arrives, every event (kopf's own finalizer patch, the create) carries the status from
-        before it. Taken as is, that stale status made the next computation look like a new
-        transition: a second status write and a second ``Configured`` Event.
+        Until the watch shows our status patch, events (kopf's own finalizer patch, the create)
+        carry a status from before it. Taken as is, that stale status made the next computation
+        look like a new transition: a second status write and a second ``Configured`` Event.
+        Statuses are compared, not resourceVersions: those are opaque, and kopf may skip the
+        echo itself when events for one object come in a burst.
         """
         metadata = body.get("metadata") or {}
         key = f"{metadata.get('namespace')}/{metadata.get('name')}"
         unechoed = self._unechoed.get(key)
         if unechoed is None:
             return body
-        version, status = unechoed
-        if metadata.get("resourceVersion") == version or _same_status(
-            body.get("status") or {}, status
-        ):
-            del self._unechoed[key]  # the echo (or a later event that includes our write)
-            return body
-        return {**body, "status": status}
+        replaced, written = unechoed
+        incoming = body.get("status") or {}
+        if any(_same_status(incoming, old) for old in replaced):
+            return {**body, "status": written}
+        # Our write, or somebody else's after it (taken, and corrected if it is wrong).
+        del self._unechoed[key]
+        return body
 
     def forget(self, key: str) -> None:
         self._unechoed.pop(key, None)
@@ -965,7 +967,7 @@ class StatusWriter:
         patch.update(status)
         metadata = body["metadata"]
         try:
-            written = await self.controller.kube.patch_status(
+            await self.controller.kube.patch_status(
                 api_version=constants.API_VERSION,
                 kind=constants.DMRMODEL_KIND,
                 namespace=metadata["namespace"],
@@ -982,8 +984,8 @@ class StatusWriter:
             return
         # Remember what we wrote, so neither its echo nor older events look like a change.
         self.controller.bodies[key] = {**body, "status": status}
-        version = ((written or {}).get("metadata") or {}).get("resourceVersion")
-        self._unechoed[key] = (version, status)
+        replaced = self._unechoed.get(key, ([], {}))[0]
+        self._unechoed[key] = ([*replaced, previous], status)
         old_phase = previous.get("phase")
         if old_phase != status.get("phase"):
             if status.get("phase") == "Ready":
