@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -173,7 +174,7 @@ async def serve(args: argparse.Namespace, timings: leadership_rules.LeaseTimings
         metrics.LEADER.set(1)
         await operator()
         return 0
-    kube = kube_client.KubeClient(_credentials_outside_kopf)
+    kube = kube_client.KubeClient(kube_credentials)
     elector = leadership.LeaderElector(
         kube,
         namespace=args.leader_election_namespace or own_namespace(),
@@ -254,8 +255,10 @@ async def standby_probe(liveness: str | None) -> AsyncIterator[None]:
         await runner.cleanup()
 
 
-async def _credentials_outside_kopf() -> Mapping[str, Any]:
-    info = await asyncio.to_thread(connection_info, logger=logger)
+async def kube_credentials(settings: kopf.OperatorSettings | None = None) -> Mapping[str, Any]:
+    """Credentials for the operator's own client, the same kopf logs in with (read in a thread:
+    loading a kubeconfig blocks)."""
+    info = await asyncio.to_thread(connection_info, logger=logger, settings=settings)
     return dataclasses.asdict(info)
 
 
@@ -325,10 +328,6 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any, logger: Any, **
     # Deletion of a DMRModel retries quickly while runners answer; the cleanup itself is bounded.
     settings.execution.default_backoff = 5
 
-    async def credentials() -> Mapping[str, Any]:
-        info = await asyncio.to_thread(connection_info, logger=logger, settings=settings)
-        return dataclasses.asdict(info)
-
     memo.http = httpx.AsyncClient(
         timeout=httpx.Timeout(15.0, connect=3.0),
         limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
@@ -336,7 +335,7 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any, logger: Any, **
         event_hooks={"response": [metrics.record_runner_response]},
         trust_env=False,
     )
-    memo.kube = kube_client.KubeClient(credentials)
+    memo.kube = kube_client.KubeClient(functools.partial(kube_credentials, settings))
     memo.dmrmodels = dmrmodels.DMRModelController(
         http=memo.http,
         kube=memo.kube,

@@ -140,7 +140,7 @@ class DMRModelController:
         """A DMRModel was added or modified (any watch event, status-only ones included)."""
         metadata = body.get("metadata") or {}
         key = f"{metadata.get('namespace')}/{metadata.get('name')}"
-        body = self.status.current(documents.without_managed_fields(body))
+        body = self.status.current(key, documents.without_managed_fields(body))
         self.bodies[key] = body
         if metadata.get("deletionTimestamp"):
             return
@@ -879,7 +879,7 @@ class StatusWriter:
         """Per DMRModel, until the watch shows our last status write: the statuses it replaced
         (oldest first) and the status written."""
 
-    def current(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+    def current(self, key: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """A watched body, with our last status write when the body predates it.
 
         Until the watch shows our status patch, events (kopf's own finalizer patch, the create)
@@ -888,8 +888,6 @@ class StatusWriter:
         Statuses are compared, not resourceVersions: those are opaque, and kopf may skip the
         echo itself when events for one object come in a burst.
         """
-        metadata = body.get("metadata") or {}
-        key = f"{metadata.get('namespace')}/{metadata.get('name')}"
         unechoed = self._unechoed.get(key)
         if unechoed is None:
             return body
