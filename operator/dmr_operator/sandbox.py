@@ -163,6 +163,7 @@ class _Sandbox:
     def __init__(self, *, namespace: str, binaries: controlplane.Binaries, out: TextIO) -> None:
         self.namespace = namespace
         self.out = out
+        self.kubectl = binaries.kubectl
         self._stack = contextlib.ExitStack()
         self.started = time.monotonic()
         self.control_plane = controlplane.ControlPlane(
@@ -284,6 +285,8 @@ class _Sandbox:
             f"  export KUBECONFIG={kubeconfig}",
             f"  kubectl get dmrm,agents -n {self.namespace}",
             f"  kubectl describe dmrm -n {self.namespace}",
+            # Debian's kubectl is 1.20: far outside the supported skew of this cluster.
+            f"kubectl at the cluster's version: {self.kubectl or '(not built)'}",
             f"operator log: {self.operator.log_path if self.operator else '-'}",
         ]
         if not exit_when_ready:

@@ -8,7 +8,6 @@ Override ``pod_process_factory`` in a test module to choose what runs behind sim
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import os
@@ -124,18 +123,7 @@ def operator_kubeconfig(
     manifests.Applier(api_client, field_manager="helm").apply_all(objects, namespace=RBAC_NAMESPACE)
     account = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
 
-    def token_secret() -> str | None:
-        found = core.read_namespaced_service_account(account, RBAC_NAMESPACE)
-        return next((ref.name for ref in found.secrets or ()), None)
-
-    secret_name = wait_for(
-        token_secret,
-        timeout=30,
-        message=f"a token for {account}",
-        ignore=(kubernetes.client.ApiException,),
-    )
-    secret = core.read_namespaced_secret(secret_name, RBAC_NAMESPACE)
-    token = base64.b64decode(secret.data["token"]).decode()
+    token = cluster.service_account_token(api_client, RBAC_NAMESPACE, account)
     return control_plane.kubeconfig_for_token(
         token, control_plane.work_dir / "operator-kubeconfig", user=account
     )

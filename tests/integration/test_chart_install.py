@@ -12,7 +12,6 @@ requests outside its rights are refused.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import json
@@ -28,7 +27,6 @@ import pytest
 from dmr_operator import constants
 from dmr_operator.testing import cluster, controlplane, helm, manifests
 from dmr_operator.testing.operatorprocess import OperatorProcess
-from dmr_operator.testing.waiting import wait_for
 
 CHART = Path(__file__).parents[2] / "charts" / "dmr-operator"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
@@ -99,19 +97,6 @@ def install(api_client: Any, namespace: str) -> Iterator[Any]:
             applier.delete(volume)
 
 
-def service_account_token(api_client: Any, namespace: str, name: str) -> str:
-    """The token the 1.20 token controller put in the ServiceAccount's Secret."""
-    core: Any = kubernetes.client.CoreV1Api(api_client)
-
-    def secret_name() -> str | None:
-        account = core.read_namespaced_service_account(name, namespace)
-        return next((s.name for s in account.secrets or ()), None)
-
-    found = wait_for(secret_name, timeout=30, message=f"a token Secret for {name}")
-    secret = core.read_namespaced_secret(found, namespace)
-    return base64.b64decode(secret.data["token"]).decode()
-
-
 def operator_arguments(deployment: dict[str, Any]) -> tuple[list[str], dict[str, str], int, int]:
     """The operator container's args as the chart renders them, listening on free local ports.
 
@@ -160,7 +145,7 @@ def test_operator_with_the_charts_rbac_reconciles_and_is_refused_outside_its_rig
     assert deployment["spec"]["replicas"] == 0
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == release.service_account
 
-    token = service_account_token(api_client, namespace, release.service_account)
+    token = cluster.service_account_token(api_client, namespace, release.service_account)
     user = f"system:serviceaccount:{namespace}:{release.service_account}"
     kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / "sa.kubeconfig", user=user)
     args, env, liveness_port, metrics_port = operator_arguments(deployment)

@@ -70,8 +70,17 @@ def test_apiserver_is_ready_and_serves_metrics_to_admin(
 def test_kubeconfig_works_with_kubectl(control_plane: controlplane.ControlPlane) -> None:
     import subprocess
 
+    binaries = controlplane.ensure_binaries(build=False)
+    assert binaries.kubectl is not None
     kubectl = subprocess.run(
-        ["kubectl", "--kubeconfig", str(control_plane.kubeconfig_path), "get", "--raw", "/readyz"],
+        [
+            str(binaries.kubectl),
+            "--kubeconfig",
+            str(control_plane.kubeconfig_path),
+            "get",
+            "--raw",
+            "/readyz",
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -202,14 +211,19 @@ def test_second_control_plane_starts_fast_restarts_and_leaves_no_process() -> No
     assert not work_dir.exists()
 
 
+def _stub(path: Path) -> Path:
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
 def test_kubebuilder_assets_take_precedence_over_the_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    (tmp_path / "kube-apiserver").write_text("#!/bin/sh\n")
-    (tmp_path / "kube-apiserver").chmod(0o755)
+    apiserver, etcd = _stub(tmp_path / "kube-apiserver"), _stub(tmp_path / "etcd")
     monkeypatch.setenv("KUBEBUILDER_ASSETS", str(tmp_path))
     found = controlplane.ensure_binaries(build=False)
-    assert found.apiserver == tmp_path / "kube-apiserver"
+    assert (found.apiserver, found.etcd) == (apiserver, etcd)
     assert found.controller_manager is None  # envtest assets have no controller-manager
     with pytest.raises(controlplane.ControlPlaneUnavailable, match="controllers=True"):
         controlplane.ControlPlane(controllers=True, binaries=found).start()
@@ -219,12 +233,27 @@ def test_missing_binaries_are_reported_in_one_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("KUBEBUILDER_ASSETS", str(tmp_path))
-    with pytest.raises(controlplane.ControlPlaneUnavailable, match="has no kube-apiserver"):
+    with pytest.raises(controlplane.ControlPlaneUnavailable) as empty:
         controlplane.ensure_binaries(build=False)
-    (tmp_path / "kube-apiserver").write_text("#!/bin/sh\n")
-    (tmp_path / "kube-apiserver").chmod(0o755)
-    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    assert "needs kube-apiserver and etcd (it holds: nothing)" in str(empty.value)
+    _stub(tmp_path / "kube-apiserver")
     with pytest.raises(controlplane.ControlPlaneUnavailable) as no_etcd:
         controlplane.ensure_binaries(build=False)
-    assert "apt-get install etcd-server" in str(no_etcd.value)
+    assert "(it holds: kube-apiserver)" in str(no_etcd.value)
     assert "\n" not in str(no_etcd.value)
+
+
+def test_the_cluster_is_the_version_the_build_module_pins(api_client: Any) -> None:
+    """The binaries report the release they were built from (ldflags), and kubectl matches."""
+    import json
+    import subprocess
+
+    version = kubernetes.client.VersionApi(api_client).get_code()
+    assert version.git_version == f"v{controlplane.KUBERNETES_VERSION}"
+    binaries = controlplane.ensure_binaries(build=False)
+    assert binaries.kubectl is not None
+    client = subprocess.run(
+        [str(binaries.kubectl), "version", "--client", "-o", "json"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert json.loads(client.stdout)["clientVersion"]["gitVersion"] == version.git_version

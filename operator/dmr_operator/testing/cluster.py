@@ -280,3 +280,19 @@ def events_for(api_client: Any, namespace: str, name: str) -> list[Any]:
         if e.involved_object.name == name and (e.source.component or "") == "dmr-operator"
     ]
     return sorted(found, key=lambda e: e.first_timestamp or e.metadata.creation_timestamp)
+
+
+# A day: longer than any test session or benchmark run, short enough not to outlive the cluster.
+SERVICE_ACCOUNT_TOKEN_SECONDS = 24 * 3600
+
+
+def service_account_token(api_client: Any, namespace: str, name: str) -> str:
+    """A bound token for ServiceAccount ``name`` through the TokenRequest API.
+
+    Since Kubernetes 1.24 no token Secret is generated for a ServiceAccount; a pod gets a bound
+    token the same way (projected volume), so this is also what the operator has in a cluster.
+    """
+    core: Any = kubernetes.client.CoreV1Api(api_client)
+    request = {"spec": {"expirationSeconds": SERVICE_ACCOUNT_TOKEN_SECONDS}}
+    token: str = core.create_namespaced_service_account_token(name, namespace, request).status.token
+    return token

@@ -5,9 +5,10 @@ admin kubeconfig, and tear it all down without leaving processes behind. Neighbo
 plays kubelet for Node objects on this control plane; ``tests/integration/conftest.py`` wraps it in
 fixtures; ``cli.py`` dispatches ``dmr-operator controlplane build|up`` to ``controlplane_command``.
 
-Binaries (reference/control-plane.md): ``KUBEBUILDER_ASSETS`` if set, else a per-user cache, else a
-build of Kubernetes 1.20.2 from Debian's source package with Go 1.15 from Debian bullseye (a newer
-Go builds an apiserver that crashes on custom resources). etcd is Debian's ``etcd-server``.
+Binaries: ``KUBEBUILDER_ASSETS`` if set (kube-apiserver and etcd at least, as envtest ships them),
+else the per-user cache, else a build from Go modules (``gobuild``): Kubernetes 1.37.2's own
+command constructors behind mains of ours in ``gobuild/controlplane``, etcd at the version that
+release requires, and kubectl at the same version.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import atexit
 import base64
 import contextlib
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -38,27 +38,40 @@ from typing import Any
 
 import yaml
 
-KUBERNETES_VERSION = "1.20.2"
-CACHE_SUBDIR = f"dmr-operator/k8s-{KUBERNETES_VERSION}"
+from dmr_operator.testing import gobuild
+
+KUBERNETES_VERSION = "1.37.2"
+_MAJOR, _MINOR = KUBERNETES_VERSION.split(".")[:2]
 KUBE_COMPONENTS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
-ETCD_APT_PACKAGE = "etcd-server"
-DEBIAN_MIRROR = os.environ.get("DMR_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-# The Debian release whose source package is Kubernetes 1.20.2; the one still shipping Go 1.15.
-KUBERNETES_SOURCE_SUITE = "bookworm"
-GO_SUITE = "bullseye"
-GO_PACKAGES = ("golang-1.15-go", "golang-1.15-src")
-DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+# The control plane's build module (gobuild/controlplane): upstream commands at one release, plus
+# etcd at the version that release requires, plus kubectl at the server's own version.
+CONTROL_PLANE_BUILD = gobuild.GoBuild(
+    name=f"kubernetes-{KUBERNETES_VERSION}",
+    module="controlplane",
+    programs=(*KUBE_COMPONENTS, "etcd", "kubectl"),
+    minimum_go=(1, 26),
+    # What Kubernetes' own build stamps, so /version and kubectl report the real release.
+    ldflags=" ".join(
+        [
+            "-s -w",
+            f"-X k8s.io/component-base/version.gitVersion=v{KUBERNETES_VERSION}",
+            f"-X k8s.io/component-base/version.gitMajor={_MAJOR}",
+            f"-X k8s.io/component-base/version.gitMinor={_MINOR}",
+            "-X k8s.io/component-base/version.gitTreeState=clean",
+        ]
+    ),
+    about="(about 8 minutes on 2 cores the first time, 1.4 GB of modules)",
+)
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 ADMIN_USER = "dmr-admin"
 STARTUP_TIMEOUT_SECONDS = 60.0
 # kube-apiserver drains for several seconds after SIGTERM; nothing here needs that drain.
 STOP_GRACE_SECONDS = 1.0
-BUILD_HEARTBEAT_SECONDS = 30.0
 
 Progress = Callable[[str], None]
 
 
-class ControlPlaneUnavailable(RuntimeError):
+class ControlPlaneUnavailable(gobuild.BuildUnavailable):
     """The control-plane binaries cannot be had on this machine; ``str()`` is a one-line reason."""
 
 
@@ -78,41 +91,27 @@ def print_progress(message: str) -> None:
 class Binaries:
     apiserver: Path
     etcd: Path
-    # envtest asset directories (KUBEBUILDER_ASSETS) ship only kube-apiserver and etcd.
+    # envtest asset directories (KUBEBUILDER_ASSETS) ship only kube-apiserver, etcd and kubectl.
     controller_manager: Path | None
     scheduler: Path | None
+    kubectl: Path | None
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / CACHE_SUBDIR
+    return gobuild.cache_dir(CONTROL_PLANE_BUILD)
 
 
-def _executable(path: Path) -> Path | None:
-    return path if path.is_file() and os.access(path, os.X_OK) else None
-
-
-def _find_etcd(assets: Path | None) -> Path:
-    in_assets = _executable(assets / "etcd") if assets is not None else None
-    on_path = shutil.which("etcd")
-    found = in_assets or (Path(on_path) if on_path else None)
-    if found is None:
-        raise ControlPlaneUnavailable(
-            f"etcd not found on PATH: install the Debian package {ETCD_APT_PACKAGE} "
-            f"(apt-get install {ETCD_APT_PACKAGE})"
-        )
-    return found
-
-
-def _binaries_in(directory: Path, *, etcd: Path) -> Binaries | None:
-    apiserver = _executable(directory / "kube-apiserver")
-    if apiserver is None:
+def _binaries_in(directory: Path) -> Binaries | None:
+    apiserver = gobuild.executable(directory / "kube-apiserver")
+    etcd = gobuild.executable(directory / "etcd")
+    if apiserver is None or etcd is None:
         return None
     return Binaries(
         apiserver=apiserver,
         etcd=etcd,
-        controller_manager=_executable(directory / "kube-controller-manager"),
-        scheduler=_executable(directory / "kube-scheduler"),
+        controller_manager=gobuild.executable(directory / "kube-controller-manager"),
+        scheduler=gobuild.executable(directory / "kube-scheduler"),
+        kubectl=gobuild.executable(directory / "kubectl"),
     )
 
 
@@ -121,14 +120,17 @@ def find_binaries() -> Binaries | None:
     assets_env = os.environ.get("KUBEBUILDER_ASSETS")
     if assets_env:
         assets = Path(assets_env)
-        found = _binaries_in(assets, etcd=_find_etcd(assets))
+        found = _binaries_in(assets)
         if found is None:
-            raise ControlPlaneUnavailable(f"KUBEBUILDER_ASSETS={assets} has no kube-apiserver")
+            present = sorted(p.name for p in assets.iterdir()) if assets.is_dir() else []
+            raise ControlPlaneUnavailable(
+                f"KUBEBUILDER_ASSETS={assets} needs kube-apiserver and etcd "
+                f"(it holds: {', '.join(present) or 'nothing'})"
+            )
         return found
-    cached = cache_dir()
-    if all(_executable(cached / name) for name in KUBE_COMPONENTS):
-        return _binaries_in(cached, etcd=_find_etcd(None))
-    return None
+    if gobuild.cached_binaries(CONTROL_PLANE_BUILD) is None:
+        return None
+    return _binaries_in(cache_dir())
 
 
 def ensure_binaries(*, build: bool = True, progress: Progress = print_progress) -> Binaries:
@@ -136,233 +138,18 @@ def ensure_binaries(*, build: bool = True, progress: Progress = print_progress) 
     found = find_binaries()
     if found is not None:
         return found
-    etcd = _find_etcd(None)  # fail before a long build that could not be used anyway
     if not build:
         raise ControlPlaneUnavailable(
             f"no Kubernetes binaries in {cache_dir()}: run `dmr-operator controlplane build`"
         )
-    build_binaries(destination=cache_dir(), progress=progress)
-    built = _binaries_in(cache_dir(), etcd=etcd)
-    if built is None:  # pragma: no cover - build_binaries guarantees the files
+    try:
+        gobuild.ensure_built(CONTROL_PLANE_BUILD, progress=progress)
+    except gobuild.BuildUnavailable as error:
+        raise ControlPlaneUnavailable(str(error)) from error
+    built = _binaries_in(cache_dir())
+    if built is None:  # pragma: no cover - ensure_built guarantees the files
         raise ControlPlaneUnavailable(f"build finished but {cache_dir()} has no kube-apiserver")
     return built
-
-
-# --------------------------------------------------------------------------------------------
-# Building from Debian's source package
-
-
-def _check_build_prerequisites() -> None:
-    if not Path("/etc/debian_version").exists():
-        raise ControlPlaneUnavailable(
-            "not a Debian system: cannot build Kubernetes from Debian packages "
-            "(set KUBEBUILDER_ASSETS to a directory with kube-apiserver and etcd)"
-        )
-    if os.geteuid() != 0:
-        raise ControlPlaneUnavailable(
-            "building the control plane needs root (apt-get): run "
-            "`dmr-operator controlplane build` as root once, or set KUBEBUILDER_ASSETS"
-        )
-    if not Path(DEBIAN_KEYRING).exists():
-        raise ControlPlaneUnavailable(
-            f"{DEBIAN_KEYRING} missing: apt-get install debian-archive-keyring"
-        )
-    missing = [
-        tool for tool in ("apt-get", "dpkg", "tar", "make", "rsync") if not shutil.which(tool)
-    ]
-    if missing:
-        raise ControlPlaneUnavailable(
-            f"tools missing for the control-plane build: {', '.join(missing)} "
-            f"(apt-get install {' '.join(missing)})"
-        )
-
-
-class _BuildSession:
-    """One build in a scratch directory: timed steps, a private apt configuration, logs."""
-
-    def __init__(self, *, workspace: Path, progress: Progress) -> None:
-        self.workspace = workspace
-        self.progress = progress
-        self.started = time.monotonic()
-        self.log_path = workspace / "build.log"
-        apt_root = workspace / "apt"
-        for sub in ("lists/partial", "cache/archives/partial"):
-            (apt_root / sub).mkdir(parents=True)
-        sources = apt_root / "sources.list"
-        # A private sources list and state: the machine's own apt configuration stays untouched.
-        sources.write_text(
-            f"deb-src [signed-by={DEBIAN_KEYRING}] {DEBIAN_MIRROR} {KUBERNETES_SOURCE_SUITE} main\n"
-            f"deb [signed-by={DEBIAN_KEYRING}] {DEBIAN_MIRROR} {GO_SUITE} main\n"
-        )
-        self.apt_options = [
-            "-q",
-            "-o",
-            f"Dir::Etc::SourceList={sources}",
-            "-o",
-            "Dir::Etc::SourceParts=/dev/null",
-            "-o",
-            f"Dir::State::Lists={apt_root / 'lists'}",
-            "-o",
-            f"Dir::Cache={apt_root / 'cache'}",
-            "-o",
-            "Dir::State::Status=/dev/null",
-            # The scratch directory is private to root; apt's _apt sandbox user could not write it.
-            "-o",
-            "APT::Sandbox::User=root",
-        ]
-
-    def elapsed(self) -> str:
-        return f"{time.monotonic() - self.started:.0f}s"
-
-    @contextlib.contextmanager
-    def step(self, number: int, total: int, title: str) -> Iterator[None]:
-        self.progress(f"build step {number}/{total}: {title} (elapsed {self.elapsed()})")
-        yield
-
-    def run(self, argv: Sequence[str], *, cwd: Path | None = None) -> None:
-        with self.log_path.open("a") as log:
-            log.write(f"$ {' '.join(argv)}\n")
-            log.flush()
-            completed = subprocess.run(
-                argv,
-                check=False,
-                cwd=cwd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        if completed.returncode != 0:
-            raise ControlPlaneUnavailable(
-                f"`{' '.join(argv[:3])} ...` failed (exit {completed.returncode}): "
-                f"{_last_line(self.log_path)} (log: {self.log_path})"
-            )
-
-    def apt_get(self, *args: str, cwd: Path | None = None) -> None:
-        self.run(["apt-get", *self.apt_options, *args], cwd=cwd)
-
-    def make(self, *, source: Path, env: dict[str, str]) -> None:
-        """Run the Kubernetes make, reporting each build phase and a heartbeat while Go compiles."""
-        # Targets of the current "Building go targets" group: Go compiles them together.
-        current: list[str] = ["(starting)"]
-        done = threading.Event()
-
-        def heartbeat() -> None:
-            while not done.wait(BUILD_HEARTBEAT_SECONDS):
-                building = ", ".join(current) or "the next step"
-                self.progress(f"  still building {building} (elapsed {self.elapsed()})")
-
-        argv = ["make", f"WHAT={' '.join(f'cmd/{name}' for name in KUBE_COMPONENTS)}"]
-        make_log = self.workspace / "make.log"
-        ticker = threading.Thread(
-            target=heartbeat, name="controlplane-build-heartbeat", daemon=True
-        )
-        with make_log.open("w") as log:
-            process = subprocess.Popen(
-                argv,
-                cwd=source,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-            )
-            ticker.start()
-            try:
-                assert process.stdout is not None
-                for line in process.stdout:
-                    log.write(line)
-                    if line.startswith("+++ "):
-                        current.clear()
-                    target = _make_target(line)
-                    if target is not None:
-                        current.append(target)
-                        self.progress(f"  make: {target} (elapsed {self.elapsed()})")
-                returncode = process.wait()
-            finally:
-                done.set()
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-        if returncode != 0:
-            raise ControlPlaneUnavailable(
-                f"make failed (exit {returncode}): {_last_line(make_log)} (log: {make_log})"
-            )
-
-
-def _last_line(path: Path) -> str:
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
-
-
-# Kubernetes' make prints "+++ [1121 21:31:34] Building go targets for linux/amd64:" and then
-# the targets indented by four spaces: both tell where a several-minute build currently is.
-_MAKE_TARGET_LINE = re.compile(r"^    (?:\./)?((?:vendor/|cmd/)\S+)\s*$")
-
-
-def _make_target(line: str) -> str | None:
-    matched = _MAKE_TARGET_LINE.match(line)
-    return matched.group(1) if matched else None
-
-
-def build_binaries(*, destination: Path, progress: Progress = print_progress) -> None:
-    """Build kube-apiserver, kube-controller-manager and kube-scheduler into ``destination``.
-
-    Everything happens in a scratch directory beside ``destination`` that is moved into place
-    only when complete, so an interrupted build never leaves a half-filled cache.
-    """
-    _check_build_prerequisites()
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    workspace = Path(tempfile.mkdtemp(prefix=".build-", dir=destination.parent))
-    session = _BuildSession(workspace=workspace, progress=progress)
-    progress(f"building Kubernetes {KUBERNETES_VERSION} (4-7 minutes on 2 cores) in {workspace}")
-    total = 6
-    downloads = workspace / "downloads"
-    downloads.mkdir()
-    goroot_unpacked = workspace / "go"
-    source = workspace / "src"
-    try:
-        with session.step(1, total, f"apt-get update ({KUBERNETES_SOURCE_SUITE} src, {GO_SUITE})"):
-            session.apt_get("update")
-        with session.step(2, total, "apt-get source --download-only kubernetes (34 MB)"):
-            session.apt_get("source", "--download-only", "kubernetes", cwd=downloads)
-        with session.step(3, total, f"apt-get download {' '.join(GO_PACKAGES)} ({GO_SUITE})"):
-            session.apt_get("download", *GO_PACKAGES, cwd=downloads)
-        with session.step(4, total, "unpack Go 1.15 (dpkg -x)"):
-            for deb in sorted(downloads.glob("golang-1.15-*.deb")):
-                session.run(["dpkg", "-x", str(deb), str(goroot_unpacked)])
-        with session.step(5, total, "unpack the kubernetes source"):
-            tarballs = sorted(downloads.glob("kubernetes_*.orig.tar.*"))
-            if not tarballs:
-                raise ControlPlaneUnavailable(f"no kubernetes_*.orig.tar.* in {downloads}")
-            source.mkdir()
-            session.run(["tar", "-xf", str(tarballs[0]), "--strip-components=1", "-C", str(source)])
-            # The Kubernetes 1.20 build scripts expect the tree at $GOPATH/src/k8s.io/kubernetes.
-            gopath_link = source / ".go/src/k8s.io/kubernetes"
-            gopath_link.parent.mkdir(parents=True)
-            gopath_link.symlink_to("../../..")
-        with session.step(6, total, "make (the long step)"):
-            goroot = goroot_unpacked / "usr/lib/go-1.15"
-            env = {
-                **{key: value for key, value in os.environ.items() if not key.startswith("GO")},
-                "GOROOT": str(goroot),
-                "GOPATH": str(source / ".go"),
-                "CGO_ENABLED": "0",
-                "PATH": f"{goroot / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-            }
-            session.make(source=source, env=env)
-        built = source / "_output/local/bin/linux/amd64"
-        staged = Path(tempfile.mkdtemp(prefix=".staged-", dir=destination.parent))
-        for name in KUBE_COMPONENTS:
-            shutil.copy2(built / name, staged / name)
-        try:
-            staged.rename(destination)
-        except OSError:  # a concurrent build finished first: keep the cache it wrote
-            shutil.rmtree(staged)
-    except BaseException:
-        progress(f"build failed after {session.elapsed()}; logs kept in {workspace}")
-        raise
-    progress(f"built in {session.elapsed()}; cached in {destination}")
-    shutil.rmtree(workspace, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,7 +461,6 @@ class ControlPlane:
                 "--advertise-address=127.0.0.1",
                 "--endpoint-reconciler-type=none",
                 f"--secure-port={self.apiserver_port}",
-                "--insecure-port=0",
                 f"--tls-cert-file={work / 'serving.crt'}",
                 f"--tls-private-key-file={work / 'serving.key'}",
                 f"--token-auth-file={work / 'tokens.csv'}",
@@ -709,7 +495,6 @@ class ControlPlane:
                 "--controllers=*,-nodelifecycle",
                 "--leader-elect=false",
                 "--secure-port=0",
-                "--port=0",
             ],
         )
         self._spawn(
@@ -719,7 +504,6 @@ class ControlPlane:
                 f"--kubeconfig={kubeconfig}",
                 "--leader-elect=false",
                 "--secure-port=0",
-                "--port=0",
             ],
         )
         # The serviceaccount controller creating `default` proves the controller-manager works;
@@ -769,6 +553,7 @@ def controlplane_command(args: argparse.Namespace) -> int:
             print(f"kube-controller-manager: {binaries.controller_manager or 'not available'}")
             print(f"kube-scheduler: {binaries.scheduler or 'not available'}")
             print(f"etcd: {binaries.etcd}")
+            print(f"kubectl: {binaries.kubectl or 'not available'}")
             return 0
         return _run_until_interrupted(
             ControlPlane(controllers=not args.no_controllers, work_dir=args.work_dir)

@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 import kubernetes
 
 from dmr_operator import constants
+from dmr_operator.testing.controlplane import KUBERNETES_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -316,8 +317,8 @@ class NodeSimulator:
                         for kind in ("Ready", "MemoryPressure", "DiskPressure", "PIDPressure")
                     ],
                     "nodeInfo": {
-                        "kubeletVersion": "v1.20.2-simulated",
-                        "kubeProxyVersion": "v1.20.2-simulated",
+                        # The kubelet a node of this control plane's release would run.
+                        "kubeletVersion": f"v{KUBERNETES_VERSION}-simulated",
                         "containerRuntimeVersion": "simulated://1",
                         "operatingSystem": "linux",
                         "architecture": "amd64",

@@ -1,7 +1,7 @@
 """The DMRModel kind: one model on a pool of model-runner pods, pulled, configured and verified.
 
 Every field maps to a model-runner wire name (said in its description) and carries as many of
-model-runner's own rules as an OpenAPI schema on Kubernetes 1.20 can express (enums, ranges,
+model-runner's own rules as a plain OpenAPI schema can express (enums, ranges,
 patterns), so ``kubectl apply`` rejects a bad object at admission. What a schema cannot say
 (flag allow-lists per backend, ``hf_overrides`` keys at every depth, exclusivity between fields)
 is checked by ``dmr_operator.reconcile.dmrmodel.validate_spec`` before any HTTP call.
