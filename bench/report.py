@@ -12,6 +12,7 @@ import dataclasses
 import os
 import platform
 import re
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -46,14 +47,23 @@ def machine_facts() -> str:
     )
 
 
-def render(rows: list[Row], *, args: argparse.Namespace) -> str:
+def cluster_facts(apiserver_version: str, etcd: Path) -> str:
+    """The Kubernetes release as the apiserver reports it (``/version``) and etcd's version."""
+    completed = subprocess.run(
+        [str(etcd), "--version"], capture_output=True, text=True, check=False, timeout=30
+    )
+    found = re.search(r"etcd Version:\s*(\S+)", completed.stdout)
+    return f"Kubernetes {apiserver_version}, etcd {found.group(1) if found else 'unknown'}"
+
+
+def render(rows: list[Row], *, args: argparse.Namespace, cluster: str) -> str:
     mode = "--quick" if args.quick else "full"
     lines = [
         f"Run {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} ({mode}: "
         f"{args.latency_models} latency objects, {args.scale_models} scale objects, "
         f"{args.agents} agents, "
         f"{args.recovery_models} recovery objects, {args.idle_minutes:g} idle min, "
-        f"--verify-interval {args.verify_interval:g} s) on {machine_facts()}.",
+        f"--verify-interval {args.verify_interval:g} s) on {cluster}; {machine_facts()}.",
         "",
         "| Measurement | Result | Goal | Met |",
         "|---|---|---|---|",

@@ -91,11 +91,13 @@ class Bench:
         self.args = args
         self.rows: list[report.Row] = []
         self.details: list[str] = []
-        self.cp = audit.AuditedControlPlane(
-            controllers=True, binaries=controlplane.ensure_binaries(build=False)
-        )
+        binaries = controlplane.ensure_binaries(build=False)
+        self.cp = audit.AuditedControlPlane(controllers=True, binaries=binaries)
         self.cp.start()
         self.api = self.cp.api_client()
+        self.cluster = report.cluster_facts(
+            kubernetes.client.VersionApi(self.api).get_code().git_version, binaries.etcd
+        )
         self.custom: Any = kubernetes.client.CustomObjectsApi(self.api)
         self.core: Any = kubernetes.client.CoreV1Api(self.api)
         cluster.apply_crds(self.api)
@@ -495,7 +497,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace) -> list[report.Row]:
+def run(args: argparse.Namespace) -> tuple[list[report.Row], str]:
+    """The table's rows, and the cluster they were measured on (``report.cluster_facts``)."""
     bench = Bench(args)
     try:
         latency_refs = [model_ref("lat", i) for i in range(args.latency_models + 1)]
@@ -521,7 +524,8 @@ def run(args: argparse.Namespace) -> list[report.Row]:
         step("4. idle", bench.idle, operator_namespaces, objects)
     finally:
         bench.close()
-    return bench.rows + [report.Row(detail, "", "") for detail in bench.details]
+    rows = bench.rows + [report.Row(detail, "", "") for detail in bench.details]
+    return rows, bench.cluster
 
 
 def step(title: str, action: Callable[..., None], *args: Any) -> None:
@@ -533,8 +537,8 @@ def step(title: str, action: Callable[..., None], *args: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = run(args)
-    table = report.render(rows, args=args)
+    rows, cluster_facts = run(args)
+    table = report.render(rows, args=args, cluster=cluster_facts)
     print(table)
     if not args.no_write:
         report.write_into(BENCHMARKS_MD, table)

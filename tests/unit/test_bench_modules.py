@@ -54,8 +54,11 @@ def test_audit_counts_operator_reads_and_writes_once_per_request() -> None:
 def test_report_replaces_only_its_block(tmp_path: Path) -> None:
     args = run.parse_args(["--quick"])
     assert (args.latency_models, args.scale_models, args.idle_minutes) == (20, 100, 1.0)
-    table = report.render([report.Row("m", "1 ms", "< 2 ms", True)], args=args)
+    table = report.render(
+        [report.Row("m", "1 ms", "< 2 ms", True)], args=args, cluster="Kubernetes v1.37.2"
+    )
     assert "| m | 1 ms | < 2 ms | yes |" in table
+    assert ") on Kubernetes v1.37.2; " in table
     path = tmp_path / "BENCHMARKS.md"
     path.write_text(f"# head\n{report.BEGIN}\nold\n{report.END}\ntail\n")
     report.write_into(path, table)
