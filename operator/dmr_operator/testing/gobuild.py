@@ -47,7 +47,10 @@ class GoBuild:
 
     ``name`` prefixes the cache directory (``kubernetes-1.37.2-<fingerprint>``); ``module`` is
     a directory under ``gobuild/`` (an absolute path works too: tests build throwaway modules);
-    ``programs`` are its ``cmd/<program>`` directories, each giving a binary of that name.
+    ``programs`` are its ``cmd/<program>`` directories, each giving a binary of that name, or
+    ``program=package`` for a main package of a required module (one whose main is not an
+    importable package, kept in ``go.mod`` by a ``tool`` line); the binary is named after the
+    package's last element, as ``go build -o DIR`` names it.
     """
 
     name: str
@@ -63,6 +66,17 @@ class GoBuild:
     def module_dir(self) -> Path:
         return BUILD_MODULES / self.module
 
+    @property
+    def binaries(self) -> tuple[str, ...]:
+        return tuple(p.partition("=")[0] for p in self.programs)
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return tuple(
+            package or f"./cmd/{name}"
+            for name, _, package in (p.partition("=") for p in self.programs)
+        )
+
 
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -72,7 +86,8 @@ def cache_root() -> Path:
 def fingerprint(build: GoBuild) -> str:
     """A short hash of everything that decides the binaries: the build module and the flags."""
     digest = hashlib.sha256()
-    digest.update(f"{build.ldflags}\0{build.cgo}\0{sorted(build.env.items())}\0".encode())
+    flags = (build.programs, build.ldflags, build.cgo, sorted(build.env.items()))
+    digest.update(f"{flags}\0".encode())
     for path in sorted(p for p in build.module_dir.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(build.module_dir)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
@@ -90,7 +105,7 @@ def executable(path: Path) -> Path | None:
 def cached_binaries(build: GoBuild) -> dict[str, Path] | None:
     """The built programs by name when the cache holds every one of them, else None."""
     directory = cache_dir(build)
-    found = {name: executable(directory / name) for name in build.programs}
+    found = {name: executable(directory / name) for name in build.binaries}
     if all(found.values()):
         return {name: path for name, path in found.items() if path is not None}
     return None
@@ -266,7 +281,7 @@ def build_into(build: GoBuild, destination: Path, *, progress: Progress = print_
         packages = _count_packages(go, build, env)
         compiled: list[str] = []
         progress(
-            f"step 3/3: go build {', '.join(build.programs)} "
+            f"step 3/3: go build {', '.join(build.binaries)} "
             f"({packages} packages; cached ones are not compiled again)"
         )
         step.run(
@@ -278,7 +293,7 @@ def build_into(build: GoBuild, destination: Path, *, progress: Progress = print_
                 f"-ldflags={build.ldflags}",
                 "-o",
                 f"{staged}{os.sep}",
-                *(f"./cmd/{program}" for program in build.programs),
+                *build.packages,
             ],
             cwd=cwd,
             env=env,
@@ -289,7 +304,7 @@ def build_into(build: GoBuild, destination: Path, *, progress: Progress = print_
             on_line=lambda line: compiled.append(line) if _is_package_line(line) else None,
         )
         staged.chmod(0o755)  # mkdtemp makes it private; the cache is for every user
-        missing = [p for p in build.programs if executable(staged / p) is None]
+        missing = [name for name in build.binaries if executable(staged / name) is None]
         if missing:
             raise BuildUnavailable(f"go build produced no {', '.join(missing)} in {staged}")
         try:
@@ -306,7 +321,7 @@ def build_into(build: GoBuild, destination: Path, *, progress: Progress = print_
 
 def _count_packages(go: str, build: GoBuild, env: Mapping[str, str]) -> int:
     completed = subprocess.run(
-        [go, "list", "-deps", *(f"./cmd/{program}" for program in build.programs)],
+        [go, "list", "-deps", *build.packages],
         cwd=build.module_dir,
         env=dict(env),
         capture_output=True,
