@@ -27,6 +27,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "controlplane_command",
         "build, cache or start the local control plane (etcd + kube-apiserver ...)",
     ),
+    "peers": (
+        "dmr_operator.testing.realpeers",
+        "peers_command",
+        "build or find the real peers of the real tier (model-runner)",
+    ),
     "sandbox": ("dmr_operator.sandbox", "sandbox_command", "run a local demo cluster end to end"),
 }
 

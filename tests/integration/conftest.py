@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import kubernetes
 import pytest
@@ -24,25 +23,17 @@ from dmr_operator.testing.operatorprocess import OperatorProcess
 from dmr_operator.testing.waiting import wait_for
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 @pytest.fixture(scope="session")
-def control_plane(pytestconfig: pytest.Config) -> Iterator[controlplane.ControlPlane]:
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-
+def control_plane(
+    live_progress: Callable[[str], None], piece_unavailable: Callable[[str], NoReturn]
+) -> Iterator[controlplane.ControlPlane]:
     def progress(message: str) -> None:
-        # A first run builds Kubernetes for minutes: show it live, not in captured output.
-        with capture.global_and_fixture_disabled():
-            controlplane.print_progress(message)
+        live_progress(f"[controlplane] {message}")
 
     try:
         binaries = controlplane.ensure_binaries(progress=progress)
     except controlplane.ControlPlaneUnavailable as error:
-        if _in_ci():
-            pytest.fail(f"control plane unavailable: {error}", pytrace=False)
-        pytest.skip(f"control plane unavailable: {error}")
+        piece_unavailable(f"control plane unavailable: {error}")
     with controlplane.ControlPlane(controllers=True, binaries=binaries, progress=progress) as cp:
         yield cp
 
