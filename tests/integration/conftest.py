@@ -47,10 +47,12 @@ def api_client(control_plane: controlplane.ControlPlane) -> Iterator[Any]:
 
 @pytest.fixture
 def namespace(api_client: Any) -> Iterator[str]:
-    """A fresh namespace, ready for pods (its default ServiceAccount exists)."""
+    """A fresh namespace enforcing Pod Security "restricted", ready for pods (its default
+    ServiceAccount exists)."""
     core = kubernetes.client.CoreV1Api(api_client)
     name = f"t-{secrets.token_hex(4)}"
-    core.create_namespace({"metadata": {"name": name}})
+    labels = dict(cluster.RESTRICTED_NAMESPACE_LABELS)
+    core.create_namespace({"metadata": {"name": name, "labels": labels}})
     wait_for(
         lambda: core.read_namespaced_service_account("default", name),
         timeout=30,

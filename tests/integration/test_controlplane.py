@@ -3,6 +3,7 @@ apiserver restarts, warm start time and a teardown that leaves no process behind
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 import time
@@ -245,7 +246,6 @@ def test_missing_binaries_are_reported_in_one_line(
 
 def test_the_cluster_is_the_version_the_build_module_pins(api_client: Any) -> None:
     """The binaries report the release they were built from (ldflags), and kubectl matches."""
-    import json
     import subprocess
 
     version = kubernetes.client.VersionApi(api_client).get_code()
@@ -257,3 +257,19 @@ def test_the_cluster_is_the_version_the_build_module_pins(api_client: Any) -> No
         capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
     assert json.loads(client.stdout)["clientVersion"]["gitVersion"] == version.git_version
+
+
+def test_test_namespaces_enforce_pod_security_restricted(api_client: Any, namespace: str) -> None:
+    """The real PodSecurity admission plugin refuses a pod "restricted" forbids, in the same
+    namespaces where every operator-, chart- and harness-made pod of the suite is admitted."""
+    core = kubernetes.client.CoreV1Api(api_client)
+    plain = {
+        "metadata": {"name": "plain"},
+        "spec": {"containers": [{"name": "main", "image": "example.invalid/hello:1"}]},
+    }
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        core.create_namespaced_pod(namespace, plain)
+    assert refused.value.status == 403
+    message = json.loads(refused.value.body)["message"]
+    assert 'violates PodSecurity "restricted:latest"' in message
+    assert "runAsNonRoot != true" in message

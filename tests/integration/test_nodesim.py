@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 
 from dmr_operator import constants
-from dmr_operator.testing import nodesim
+from dmr_operator.reconcile import agent_workload
+from dmr_operator.testing import cluster, nodesim
 from dmr_operator.testing.waiting import wait_for
 
 GPU = "nvidia.com/gpu"
@@ -73,12 +74,14 @@ def make_pod(
         "name": "main",
         "image": "example.invalid/hello:1",
         "ports": [{"name": "http", "containerPort": port}],
+        "securityContext": agent_workload.container_security(read_only_root=True),
     }
     if gpus:
         container["resources"] = {"limits": {GPU: str(gpus)}}
     return {
         "metadata": {"name": name, "labels": labels or {}},
         "spec": {
+            "securityContext": dict(cluster.RESTRICTED_POD_SECURITY),
             "containers": [container],
             "nodeSelector": node_selector,
             "readinessGates": [{"conditionType": gate} for gate in readiness_gates or []],

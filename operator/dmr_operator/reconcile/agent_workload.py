@@ -266,7 +266,7 @@ def _agent_container(spec: agent_api.AgentSpec) -> dict[str, Any]:
         ],
         "readinessProbe": probe,
         "livenessProbe": {**probe, "initialDelaySeconds": 10, "failureThreshold": 6},
-        "securityContext": _container_security(read_only_root=True),
+        "securityContext": container_security(read_only_root=True),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "data", "mountPath": DATA_DIR},
@@ -307,7 +307,7 @@ def _runner_container(runner: agent_api.AgentRunner) -> dict[str, Any]:
         ],
         "readinessProbe": probe,
         "livenessProbe": {**probe, "initialDelaySeconds": 15, "failureThreshold": 6},
-        "securityContext": _container_security(read_only_root=False),
+        "securityContext": container_security(read_only_root=False),
         "volumeMounts": [
             {"name": "models", "mountPath": RUNNER_MODELS_DIR},
             {"name": "runner-sockets", "mountPath": RUNNER_SOCKET_DIR},
@@ -332,7 +332,8 @@ def _gpu_resources(runner: agent_api.AgentRunner) -> dict[str, Any]:
     return resources
 
 
-def _container_security(*, read_only_root: bool) -> dict[str, Any]:
+def container_security(*, read_only_root: bool) -> dict[str, Any]:
+    """A container's part of Pod Security's ``restricted`` profile (the pod sets the rest)."""
     return {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},

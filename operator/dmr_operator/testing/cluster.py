@@ -19,10 +19,24 @@ import yaml
 
 from dmr_operator import constants
 from dmr_operator.api import crdgen
+from dmr_operator.reconcile import agent_workload
 from dmr_operator.testing.emulator import ModelRunnerEmulator
 from dmr_operator.testing.waiting import wait_for
 
 MERGE_PATCH = "application/merge-patch+json"
+# Test namespaces enforce Pod Security "restricted": the real admission plugin is the evidence
+# that every pod the operator, the chart and the harness create would be admitted on a hardened
+# cluster.
+RESTRICTED_NAMESPACE_LABELS = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
+# The pod's part of "restricted" for pods the harness makes; no UID: which user the image runs
+# as is the image's to say.
+RESTRICTED_POD_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 RUNNER_IMAGE = "docker/model-runner:latest"
 
 
@@ -116,10 +130,14 @@ def runner_pool_manifests(
                 "metadata": {"labels": labels},
                 "spec": {
                     "automountServiceAccountToken": False,
+                    "securityContext": dict(RESTRICTED_POD_SECURITY),
                     "containers": [
                         {
                             "name": constants.RUNNER_CONTAINER,
                             "image": RUNNER_IMAGE,
+                            "securityContext": agent_workload.container_security(
+                                read_only_root=False
+                            ),
                             "ports": [
                                 {
                                     "name": constants.RUNNER_PORT_NAME,
