@@ -439,3 +439,66 @@ def test_deleting_the_agent_removes_its_children_and_nothing_else(
     assert core.read_namespaced_service("pool-default", namespace) is not None
     assert cluster.ready_runner_pods(api_client, namespace, "default")
     assert objects.get(AGENTS, "helper") is None
+
+
+@pytest.mark.parametrize("retain", [False, True], ids=["deleted-with-agent", "retainOnDelete"])
+def test_sidecar_model_store_claims_go_with_their_agent_unless_kept(
+    namespace: str,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+    core: Any,
+    apps: Any,
+    retain: bool,
+) -> None:
+    """The real StatefulSet controller and garbage collector apply the retention policy the
+    operator renders: the claim is owned by the StatefulSet (and deleted with the Agent) by
+    default, and left alone with ``retainOnDelete``. No node is needed: the controller makes the
+    claim before the pod, and the pod may stay Pending."""
+    objects.create(DMRMODELS, cluster.dmrmodel("small", {"model": "ai/qwen3:0.6B"}))
+    storage = {"size": "1Gi", "retainOnDelete": retain}
+    objects.create(
+        AGENTS,
+        agent("stored", one_agent_config("small"), runner={"mode": "Sidecar", "storage": storage}),
+    )
+    claim = "models-stored-0"
+    pvc = wait_for(
+        lambda: core.read_namespaced_persistent_volume_claim(claim, namespace),
+        timeout=60,
+        message=f"PersistentVolumeClaim {claim}",
+        ignore=(kubernetes.client.ApiException,),
+    )
+    statefulset = apps.read_namespaced_stateful_set("stored", namespace)
+    policy = statefulset.spec.persistent_volume_claim_retention_policy
+    assert (policy.when_deleted, policy.when_scaled) == ("Retain" if retain else "Delete", "Retain")
+
+    def owners() -> list[str]:
+        found = core.read_namespaced_persistent_volume_claim(claim, namespace)
+        return [f"{o.kind}/{o.name}" for o in found.metadata.owner_references or ()]
+
+    if not retain:  # the controller hands the claim to the StatefulSet for deletion
+        wait_for(
+            lambda: owners() == ["StatefulSet/stored"], message="the claim owned by its StatefulSet"
+        )
+    assert pvc.metadata.labels[constants.AGENT_LABEL] == "stored"
+
+    objects.delete(AGENTS, "stored")
+
+    def statefulset_gone() -> bool:
+        try:
+            apps.read_namespaced_stateful_set("stored", namespace)
+        except kubernetes.client.ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(statefulset_gone, timeout=60, message="the StatefulSet garbage-collected")
+    wait_for(lambda: not agent_pods(core, namespace, "stored"), timeout=60, message="the pod gone")
+
+    def names() -> list[str]:
+        claims = core.list_namespaced_persistent_volume_claim(namespace).items
+        return [c.metadata.name for c in claims if c.metadata.deletion_timestamp is None]
+
+    if retain:
+        assert names() == [claim]
+        assert owners() == []
+    else:
+        wait_for(lambda: names() == [], timeout=60, message=f"{claim} deleted with the Agent")

@@ -176,9 +176,15 @@ def test_persistent_sidecar_store_is_a_statefulset_with_claims() -> None:
     assert claim["metadata"]["name"] == "models"
     assert claim["spec"]["resources"]["requests"]["storage"] == "50Gi"
     assert claim["spec"]["storageClassName"] == "fast"
-    # No persistentVolumeClaimRetentionPolicy: Kubernetes before 1.23 refuses the field under
-    # server-side apply; the claims outlive the Agent like any StatefulSet's (README).
-    assert "persistentVolumeClaimRetentionPolicy" not in manifest["spec"]
+    # Claims go with the Agent by default and stay when replicas shrink.
+    assert manifest["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Delete",
+        "whenScaled": "Retain",
+    }
+    kept = workload(
+        spec_of(runner={"mode": "Sidecar", "storage": {"size": "50Gi", "retainOnDelete": True}})
+    )
+    assert kept["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
     volumes = {v["name"] for v in manifest["spec"]["template"]["spec"]["volumes"]}
     assert "models" not in volumes  # comes from the claim template
 

@@ -19,11 +19,11 @@ Choices, and why:
   runner sockets in its working directory (``/app`` in the image, not writable by another UID),
   so the sidecar's workingDir is a writable emptyDir; binaries are found through absolute paths.
 - Persistent sidecar storage needs a claim per pod, which only a StatefulSet's
-  volumeClaimTemplates give; like any StatefulSet's claims they outlive it (the retention-policy
-  field is refused by Kubernetes before 1.23), so pulled models survive an Agent's re-creation
-  and are removed with ``kubectl delete pvc -l dmr.dev/agent=NAME``. Without ``storage.size`` it
-  is a Deployment with an
-  emptyDir store (models pulled again whenever a pod is replaced).
+  volumeClaimTemplates give. Its ``persistentVolumeClaimRetentionPolicy`` (GA in 1.32) deletes
+  the claims with the Agent by default, since a deleted Agent's weights are tens of GiB nobody
+  asked to keep, and keeps them when replicas shrink (scaling back up finds the models).
+  ``storage.retainOnDelete`` keeps them on delete too. Without ``storage.size`` it is a
+  Deployment with an emptyDir store (models pulled again whenever a pod is replaced).
 """
 
 from __future__ import annotations
@@ -374,6 +374,10 @@ def _statefulset_fields(agent: str, storage: agent_api.SidecarStorage) -> dict[s
         "serviceName": agent,
         "podManagementPolicy": "Parallel",
         "updateStrategy": {"type": "RollingUpdate"},
+        "persistentVolumeClaimRetentionPolicy": {
+            "whenDeleted": "Retain" if storage.retain_on_delete else "Delete",
+            "whenScaled": "Retain",
+        },
         "volumeClaimTemplates": [
             {"metadata": {"name": "models", "labels": labels(agent)}, "spec": claim_spec}
         ],

@@ -59,8 +59,16 @@ class SidecarStorage(CamelModel):
         pattern=_QUANTITY_PATTERN,
         description="Size of a persistent model store per pod (e.g. 100Gi). Unset (default): an "
         "emptyDir, so models are pulled again whenever a pod is replaced. Set: the pods run "
-        "as a StatefulSet with one PersistentVolumeClaim per replica (deleted with the Agent), "
-        "so pulled models survive restarts and config rollouts.",
+        "as a StatefulSet with one PersistentVolumeClaim per replica (deleted with the Agent "
+        "unless retainOnDelete), so pulled models survive restarts, config rollouts and "
+        "scaling down and up again.",
+    )
+    retain_on_delete: bool = Field(
+        default=False,
+        description="Keep the model-store claims (and the weights pulled into them) when the "
+        "Agent is deleted: its StatefulSet's persistentVolumeClaimRetentionPolicy.whenDeleted "
+        "becomes Retain instead of Delete. Claims are always kept when replicas shrink. Remove "
+        "kept claims with `kubectl delete pvc -l dmr.dev/agent=NAME`. Only used with size.",
     )
     storage_class_name: str | None = Field(
         default=None,
