@@ -128,9 +128,8 @@ def find_binaries() -> Binaries | None:
                 f"(it holds: {', '.join(present) or 'nothing'})"
             )
         return found
-    if gobuild.cached_binaries(CONTROL_PLANE_BUILD) is None:
-        return None
-    return _binaries_in(cache_dir())
+    cached = gobuild.cached_binaries(CONTROL_PLANE_BUILD)
+    return None if cached is None else _binaries_in(cached["kube-apiserver"].parent)
 
 
 def ensure_binaries(*, build: bool = True, progress: Progress = print_progress) -> Binaries:
@@ -143,10 +142,10 @@ def ensure_binaries(*, build: bool = True, progress: Progress = print_progress) 
             f"no Kubernetes binaries in {cache_dir()}: run `dmr-operator controlplane build`"
         )
     try:
-        gobuild.ensure_built(CONTROL_PLANE_BUILD, progress=progress)
+        programs = gobuild.ensure_built(CONTROL_PLANE_BUILD, progress=progress)
     except gobuild.BuildUnavailable as error:
         raise ControlPlaneUnavailable(str(error)) from error
-    built = _binaries_in(cache_dir())
+    built = _binaries_in(programs["kube-apiserver"].parent)
     if built is None:  # pragma: no cover - ensure_built guarantees the files
         raise ControlPlaneUnavailable(f"build finished but {cache_dir()} has no kube-apiserver")
     return built

@@ -7,8 +7,8 @@ release, and ``cmd/<program>/main.go`` files that call the upstream command cons
 module turns one of them into binaries in a per-user cache whose directory name carries a
 fingerprint of the build module, so editing a pin builds anew and an unchanged one costs nothing.
 
-Neighbours: ``controlplane`` describes its build with a :class:`GoBuild` and calls
-:func:`ensure_built`; nothing here knows what the programs are.
+Neighbours: ``controlplane`` and ``realpeers`` describe their builds with a :class:`GoBuild`
+and call :func:`ensure_built`; nothing here knows what the programs are.
 """
 
 from __future__ import annotations
@@ -47,10 +47,7 @@ class GoBuild:
 
     ``name`` prefixes the cache directory (``kubernetes-1.37.2-<fingerprint>``); ``module`` is
     a directory under ``gobuild/`` (an absolute path works too: tests build throwaway modules);
-    ``programs`` are its ``cmd/<program>`` directories, each giving a binary of that name, or
-    ``program=package`` for a main package of a required module (one whose main is not an
-    importable package, kept in ``go.mod`` by a ``tool`` line); the binary is named after the
-    package's last element, as ``go build -o DIR`` names it.
+    ``programs`` are its ``cmd/<program>`` directories, each giving a binary of that name.
     """
 
     name: str
@@ -67,15 +64,8 @@ class GoBuild:
         return BUILD_MODULES / self.module
 
     @property
-    def binaries(self) -> tuple[str, ...]:
-        return tuple(p.partition("=")[0] for p in self.programs)
-
-    @property
     def packages(self) -> tuple[str, ...]:
-        return tuple(
-            package or f"./cmd/{name}"
-            for name, _, package in (p.partition("=") for p in self.programs)
-        )
+        return tuple(f"./cmd/{program}" for program in self.programs)
 
 
 def cache_root() -> Path:
@@ -105,7 +95,7 @@ def executable(path: Path) -> Path | None:
 def cached_binaries(build: GoBuild) -> dict[str, Path] | None:
     """The built programs by name when the cache holds every one of them, else None."""
     directory = cache_dir(build)
-    found = {name: executable(directory / name) for name in build.binaries}
+    found = {name: executable(directory / name) for name in build.programs}
     if all(found.values()):
         return {name: path for name, path in found.items() if path is not None}
     return None
@@ -150,7 +140,7 @@ def go_version(go: str) -> tuple[int, int]:
     return int(matched.group(1)), int(matched.group(2))
 
 
-def _build_env(build: GoBuild, go: str) -> dict[str, str]:
+def _build_env(build: GoBuild) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
@@ -264,7 +254,7 @@ def build_into(build: GoBuild, destination: Path, *, progress: Progress = print_
     workspace = Path(tempfile.mkdtemp(prefix=f".build-{build.name}-", dir=destination.parent))
     started = time.monotonic()
     step = _Step(log_path=workspace / "build.log", progress=progress, started=started)
-    env = _build_env(build, go)
+    env = _build_env(build)
     cwd = build.module_dir
     progress(f"building {build.name} from Go modules {build.about}".rstrip())
     progress(f"  log: {step.log_path}")
@@ -281,7 +271,7 @@ def build_into(build: GoBuild, destination: Path, *, progress: Progress = print_
         packages = _count_packages(go, build, env)
         compiled: list[str] = []
         progress(
-            f"step 3/3: go build {', '.join(build.binaries)} "
+            f"step 3/3: go build {', '.join(build.programs)} "
             f"({packages} packages; cached ones are not compiled again)"
         )
         step.run(
@@ -304,7 +294,7 @@ def build_into(build: GoBuild, destination: Path, *, progress: Progress = print_
             on_line=lambda line: compiled.append(line) if _is_package_line(line) else None,
         )
         staged.chmod(0o755)  # mkdtemp makes it private; the cache is for every user
-        missing = [name for name in build.binaries if executable(staged / name) is None]
+        missing = [name for name in build.programs if executable(staged / name) is None]
         if missing:
             raise BuildUnavailable(f"go build produced no {', '.join(missing)} in {staged}")
         try:
