@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dmr_operator.clients import modelrunner
-from dmr_operator.dmr import references, wire
+from dmr_operator.dmr import wire
+from dmr_operator.testing.waiting import wait_for_async
 
 from .conftest import Target
 
@@ -13,8 +14,14 @@ from .conftest import Target
 async def test_liveness_and_status(target: Target) -> None:
     assert (await target.http.get(target.url + "/")).text.startswith("Docker Model Runner")
     assert isinstance(await target.client.version(), str)
-    status = await target.client.status()
-    assert status["llama.cpp"].startswith("Running")
+
+    # Right after start every backend says a bare "Not Installed" until its install check ran
+    # (the real server: about 0.2 s), then llama.cpp says Running.
+    async def llama_cpp_running() -> dict[str, str] | None:
+        status = await target.client.status()
+        return status if status["llama.cpp"].startswith("Running") else None
+
+    await wait_for_async(llama_cpp_running, timeout=10, message="llama.cpp Running")
     assert isinstance((await target.client.df()).models_disk_usage, int)
 
 
@@ -25,8 +32,9 @@ async def test_pull_then_find(target: Target) -> None:
     again = await target.client.pull(target.model)
     assert again.cached and again.message.startswith("Using cached model: ")
     model = await target.client.get_model(target.model)
-    assert model is not None and model.has_reference(target.model)
-    assert references.qualified_tag(target.model) in model.tags
+    assert model is not None
+    assert model.has_reference(target.model, default_registry=target.default_registry)
+    assert target.tag(target.model) in model.tags
     assert model.id.startswith("sha256:") and len(model.id) == 71
     assert any(m.id == model.id for m in await target.client.list_models())
     assert result.message

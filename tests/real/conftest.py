@@ -1,27 +1,15 @@
-"""Fixtures for the real tier: the real model-runner server, built from its Go module on first use
-(``dmr-operator peers build``), started as a plain process the way a runner pod runs it."""
+"""Fixtures for the real tier without a cluster: one real model-runner server started as a plain
+process the way a runner pod runs it (``model_runner_binary`` and ``real_peers`` come from
+tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
-from dmr_operator.testing import controlplane, gobuild, realpeers
-
-
-@pytest.fixture(scope="session")
-def model_runner_binary(
-    live_progress: Callable[[str], None], piece_unavailable: Callable[[str], NoReturn]
-) -> Path:
-    try:
-        return realpeers.ensure_model_runner(
-            progress=lambda message: live_progress(f"[model-runner] {message}")
-        )
-    except gobuild.BuildUnavailable as error:
-        piece_unavailable(f"real model-runner unavailable: {error}")
+from dmr_operator.testing import controlplane, realpeers
 
 
 @pytest.fixture
@@ -30,6 +18,21 @@ def model_runner(
 ) -> Iterator[realpeers.ModelRunnerProcess]:
     runner = realpeers.ModelRunnerProcess(
         binary=model_runner_binary, port=controlplane.free_port(), work_dir=tmp_path / "runner"
+    )
+    with runner:
+        yield runner
+
+
+@pytest.fixture
+def serving_runner(
+    real_peers: realpeers.RealPeers, tmp_path: Path
+) -> Iterator[realpeers.ModelRunnerProcess]:
+    """A real runner with llama-server and the loopback registry: it pulls and serves models."""
+    runner = realpeers.ModelRunnerProcess(
+        binary=real_peers.model_runner,
+        port=controlplane.free_port(),
+        work_dir=tmp_path / "runner",
+        env=real_peers.runner_environment(),
     )
     with runner:
         yield runner

@@ -76,8 +76,10 @@ class EmulatorFactory:
     request logs; a pod re-created under the same name gets a fresh emulator (a new store).
     """
 
-    def __init__(self, *, preload: Iterable[str] = ()) -> None:
+    def __init__(self, *, preload: Iterable[str] = (), default_registry: str | None = None) -> None:
         self.preload = tuple(preload)
+        # Runners started with DEFAULT_REGISTRY (a mirror): their store tags carry its host.
+        self.default_registry = default_registry
         self.emulators: dict[tuple[str, str], ModelRunnerEmulator] = {}
         self._uids: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
@@ -90,6 +92,8 @@ class EmulatorFactory:
         with self._lock:
             if self._uids.get(key) != metadata.get("uid") or key not in self.emulators:
                 emulator = ModelRunnerEmulator()
+                if self.default_registry:
+                    emulator.store.default_registry = self.default_registry
                 if self.preload:
                     emulator.preload_store(*self.preload)
                 self.emulators[key] = emulator
@@ -314,3 +318,34 @@ def service_account_token(api_client: Any, namespace: str, name: str) -> str:
     request = {"spec": {"expirationSeconds": SERVICE_ACCOUNT_TOKEN_SECONDS}}
     token: str = core.create_namespaced_service_account_token(name, namespace, request).status.token
     return token
+
+
+def service_backend_url(api_client: Any, namespace: str, service: str, port: int = 80) -> str:
+    """``http://<pod ip>:<target port>`` of a ready pod behind ``service:port``: the endpoint
+    kube-proxy would pick, for a test bed without kube-proxy.
+
+    The endpoint-slice controller's own selection (selector, Ready, named target port), done
+    here because EndpointSlices cannot hold the simulated pods' loopback addresses (the API
+    refuses 127.0.0.0/8 in endpoints, so the real controller writes slices without them).
+    """
+    core: Any = kubernetes.client.CoreV1Api(api_client)
+    spec = core.read_namespaced_service(service, namespace).spec
+    target = next(p.target_port for p in spec.ports if p.port == port)
+    selector = ",".join(f"{key}={value}" for key, value in sorted(spec.selector.items()))
+
+    def ready_backend() -> str | None:
+        for pod in core.list_namespaced_pod(namespace, label_selector=selector).items:
+            conditions = {c.type: c.status for c in pod.status.conditions or []}
+            if conditions.get("Ready") != "True" or not pod.status.pod_ip:
+                continue
+            if isinstance(target, int):
+                return f"http://{pod.status.pod_ip}:{target}"
+            for container in pod.spec.containers:
+                for container_port in container.ports or []:
+                    if container_port.name == target:
+                        return f"http://{pod.status.pod_ip}:{container_port.container_port}"
+        return None
+
+    found = wait_for(ready_backend, timeout=30, message=f"a ready pod behind {service}:{port}")
+    assert found is not None
+    return found

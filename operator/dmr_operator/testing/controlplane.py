@@ -169,7 +169,7 @@ class _Process:
     log_path: Path
 
 
-def stop_process_group(popen: subprocess.Popen[bytes], *, grace: float) -> None:
+def stop_process_group(popen: subprocess.Popen[Any], *, grace: float) -> None:
     """Stop a process started in its own session, with its whole group, and reap it.
 
     SIGTERM, then SIGKILL after ``grace`` seconds; ``grace=0`` is a crash. Anything the process

@@ -190,6 +190,10 @@ class ModelRunnerEmulator:
         self._site: web.TCPSite | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pull_slots: asyncio.Semaphore | None = None
+        # Pull requests received and not finished (waiting for a slot included), and the most
+        # seen at once: a client that respects the runner's 2 slots never exceeds 2.
+        self.pulls_in_flight = 0
+        self.max_pulls_in_flight = 0
 
     # --- lifecycle (PodProcess protocol) ---------------------------------------------------------
 
@@ -311,8 +315,9 @@ class ModelRunnerEmulator:
         """Put catalogue models in the store as if pulled earlier (survives restarts)."""
         with self._lock:
             for ref in refs:
-                tag = references.qualified_tag(ref)
-                self.store.add(self.catalogue[tag], tag)
+                self.store.add(
+                    self.catalogue[references.qualified_tag(ref)], self.store.tag_for(ref)
+                )
 
     def calls(self, method: str, path: str) -> list[RecordedRequest]:
         return [r for r in list(self.requests) if r.method == method and r.path == path]
@@ -467,7 +472,7 @@ class ModelRunnerEmulator:
             if model is None:
                 return text_error(404, emulator_state.MODEL_NOT_FOUND)
             target = f"{repo}:{tag}"
-            self.store.add(model.source, references.qualified_tag(target))
+            self.store.add(model.source, self.store.tag_for(target))
         return json_response(
             {"message": f"Model tagged successfully with {target}", "target": target},
             status=201,
@@ -491,6 +496,22 @@ class ModelRunnerEmulator:
         is_hugging_face = tag.startswith("huggingface.co/")
         if source is None and not is_hugging_face:
             return text_error(404, "Model not found")
+        assert self._pull_slots is not None
+        self.pulls_in_flight += 1
+        self.max_pulls_in_flight = max(self.max_pulls_in_flight, self.pulls_in_flight)
+        try:
+            return await self._pull_in_slot(request, reference, tag, source, is_hugging_face)
+        finally:
+            self.pulls_in_flight -= 1
+
+    async def _pull_in_slot(
+        self,
+        request: web.Request,
+        reference: str,
+        tag: str,
+        source: CatalogueModel | None,
+        is_hugging_face: bool,
+    ) -> web.StreamResponse:
         assert self._pull_slots is not None
         async with self._pull_slots:
             is_json = request.headers.get("Accept") == "application/json"
@@ -522,9 +543,10 @@ class ModelRunnerEmulator:
             with self._lock:
                 cached = self.store.by_digest(source.digest) is not None
                 failure = self.pull_failures.get(tag)
+                stored_tag = self.store.tag_for(reference)
             if cached:
                 with self._lock:
-                    self.store.add(source, tag)
+                    self.store.add(source, stored_tag)
                 await emit(
                     "success",
                     f"Using cached model: {source.size_label}",
@@ -562,7 +584,7 @@ class ModelRunnerEmulator:
                     )
                     lines += 1
             with self._lock:
-                self.store.add(source, tag)
+                self.store.add(source, stored_tag)
             await emit(
                 "success", "Model pulled successfully", total=0, layer={"size": 0, "current": 0}
             )

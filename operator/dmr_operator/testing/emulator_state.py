@@ -82,6 +82,20 @@ _DEFAULT_MODELS: Final = (
     ),
     _entry("ai/qwen3:14B", size=512 * 2**20, parameters="14.8B", architecture="qwen3", layers=2),
     _entry("ai/qwen3:0.6B", size=64 * 2**20, parameters="0.6B", architecture="qwen3"),
+    # The real tier's model (dmr_operator.testing.realpeers): Gemma 3 270M Q4_K_M, one artifact
+    # under three names, with the metadata the real runner reports for it.
+    *(
+        _entry(
+            name,
+            digest_seed="gemma-3-270m-q4_k_m.gguf",
+            size=253_113_024,
+            parameters="268.10M",
+            quantization="MOSTLY_Q4_K_M",
+            architecture="gemma3",
+            context_size=32768,
+        )
+        for name in ("ai/gemma3:270m", "ai/gemma3-draft:270m", "ai/gemma3-embedding:270m")
+    ),
     _entry(
         "ai/smollm2:latest",
         size=32 * 2**20,
@@ -167,6 +181,12 @@ class ModelStore:
 
     def __init__(self) -> None:
         self.models: list[StoredModel] = []
+        # The process's DEFAULT_REGISTRY: tags of what it pulls carry that host.
+        self.default_registry = references.DEFAULT_DOMAIN
+
+    def tag_for(self, reference: str) -> str:
+        """The tag this store keeps for ``reference``."""
+        return references.qualified_tag(reference, default_registry=self.default_registry)
 
     def resolve_id(self, text: str) -> str | None:
         for model in self.models:
@@ -186,7 +206,7 @@ class ModelStore:
         for model in self.models:
             if model.digest == normalized:
                 return model
-        wanted = references.qualified_tag(normalized)
+        wanted = self.tag_for(normalized)
         for model in self.models:
             if wanted in model.tags:
                 return model
@@ -232,7 +252,7 @@ class ModelStore:
         actions: list[dict[str, str]] = []
         tag_count = len(model.tags)
         if is_tag:
-            tag = references.qualified_tag(normalized)
+            tag = self.tag_for(normalized)
             if tag in model.tags:
                 model.tags.remove(tag)
                 actions.append({"Untagged": tag})

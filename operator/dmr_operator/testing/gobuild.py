@@ -155,7 +155,7 @@ def _build_env(build: GoBuild) -> dict[str, str]:
     return env
 
 
-class _Step:
+class LoggedStep:
     """A long subprocess whose output goes to a log, with a heartbeat saying how far it got."""
 
     def __init__(self, *, log_path: Path, progress: Progress, started: float) -> None:
@@ -253,7 +253,7 @@ def build_into(build: GoBuild, destination: Path, *, progress: Progress = print_
     destination.parent.mkdir(parents=True, exist_ok=True)
     workspace = Path(tempfile.mkdtemp(prefix=f".build-{build.name}-", dir=destination.parent))
     started = time.monotonic()
-    step = _Step(log_path=workspace / "build.log", progress=progress, started=started)
+    step = LoggedStep(log_path=workspace / "build.log", progress=progress, started=started)
     env = _build_env(build)
     cwd = build.module_dir
     progress(f"building {build.name} from Go modules {build.about}".rstrip())
