@@ -431,7 +431,12 @@ def test_pool_statefulset_and_service_match_what_the_operator_expects() -> None:
     assert claim["spec"]["storageClassName"] == "fast"
     assert claim["spec"]["resources"]["requests"]["storage"] == "200Gi"
     assert {"name": "models", "mountPath": "/models"} in container["volumeMounts"]
-    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    # Hugging Face staging ($TMPDIR) on the model volume; sockets and $HOME on emptyDirs, so
+    # any UID can run it with a read-only root (proven with the real server in tests/real).
+    assert {"name": "models", "mountPath": "/tmp", "subPath": ".tmp"} in container["volumeMounts"]
+    assert container["workingDir"] == "/var/run/model-runner"
+    assert {"name": "sockets", "mountPath": "/var/run/model-runner"} in container["volumeMounts"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
     cpu_statefulset, _ = pool_objects(objects, "cpu")
     assert cpu_statefulset["spec"]["replicas"] == 2

@@ -109,7 +109,7 @@ def test_plain_pool_matches_the_charts_cpu_pool() -> None:
     assert template["metadata"]["labels"][constants.POOL_LABEL] == constants.DEFAULT_POOL
     container = template["spec"]["containers"][0]
     chart_container = chart_statefulset["spec"]["template"]["spec"]["containers"][0]
-    for key in ("name", "image", "env", "securityContext"):
+    for key in ("name", "image", "env", "securityContext", "workingDir", "volumeMounts"):
         assert container[key] == chart_container[key], key
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == chart_container[probe]["httpGet"]

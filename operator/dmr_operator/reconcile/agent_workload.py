@@ -49,6 +49,7 @@ RUNNER_HEALTH_PATH: Final = "/engines/status"
 RUNNER_MODELS_DIR: Final = "/models"
 RUNNER_SOCKET_DIR: Final = "/var/run/model-runner"
 RUNNER_HOME: Final = "/home/modelrunner"
+RUNNER_TMP_SUBPATH: Final = ".tmp"  # the runner's /tmp, a directory of its model volume
 # Any UID outside the images' own ranges; 65532 is the conventional "nonroot" user.
 POD_UID: Final = 65532
 # Set True by the operator on a sidecar pod once every model is configured on its runner.
@@ -312,7 +313,8 @@ def _runner_container(runner: agent_api.AgentRunner) -> dict[str, Any]:
             {"name": "models", "mountPath": RUNNER_MODELS_DIR},
             {"name": "runner-sockets", "mountPath": RUNNER_SOCKET_DIR},
             {"name": "runner-home", "mountPath": RUNNER_HOME},
-            {"name": "runner-tmp", "mountPath": "/tmp"},
+            # Hugging Face pulls are staged in $TMPDIR: on the model volume, which has the room.
+            {"name": "models", "mountPath": "/tmp", "subPath": RUNNER_TMP_SUBPATH},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
     }
@@ -354,7 +356,7 @@ def _volumes(agent: str, spec: agent_api.AgentSpec, kind: WorkloadKind) -> list[
     ]
     if spec.runner.mode != "Sidecar":
         return volumes
-    names = ["runner-sockets", "runner-home", "runner-tmp"]
+    names = ["runner-sockets", "runner-home"]
     if kind == "Deployment":
         names.insert(0, "models")
     volumes.extend({"name": name, "emptyDir": {}} for name in names)
