@@ -9,11 +9,14 @@ with call counts, deletion with the runner up and down, and a quiet steady state
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import httpx
+import kubernetes
 
+from dmr_operator import constants
 from dmr_operator.testing import cluster
 from dmr_operator.testing.emulator import ModelRunnerEmulator
 from dmr_operator.testing.operatorprocess import OperatorProcess
@@ -176,6 +179,88 @@ def test_runner_restart_is_reconfigured_without_a_spec_change(
         message=f"a Reconfigured event (have {reasons})",
     )
     print(f"re-configured {elapsed:.2f}s after the crash")
+
+
+def test_a_runner_pulling_from_a_mirror_is_not_pulled_again_after_a_restart(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    # DEFAULT_REGISTRY on the runner: its store says mirror.local:5000/ai/qwen3:0.6B, a name no
+    # reference of the DMRModel spells; the operator must ask the runner, not pull again.
+    emulators.default_registry = "mirror.local:5000"
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    objects.create(PLURAL, cluster.dmrmodel("small", {"model": "ai/qwen3:0.6B"}))
+    objects.wait_phase(PLURAL, "small", "Ready")
+    runner = emulators.of(namespace, pod)
+    assert runner.store.models[0].tags == ["mirror.local:5000/ai/qwen3:0.6B"]
+
+    node_simulator.crash(namespace, pod)
+    wait_for(
+        lambda: len(runner.calls("POST", CONFIGURE_LLAMA)) == 2,
+        timeout=10,
+        message="the restarted runner to be configured again",
+    )
+    assert pulled(runner) == ["ai/qwen3:0.6B"]
+
+
+def test_thirty_models_at_once_wait_for_the_runners_two_pull_slots(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    runner = emulators.of(namespace, pod)
+    objects.create(PLURAL, cluster.dmrmodel("served", {"model": "ai/smollm2"}))
+    objects.wait_phase(PLURAL, "served", "Ready")
+    # Thirty slow pulls (about 0.4 s each): model-runner runs two at a time per process.
+    source = runner.catalogue["docker.io/ai/qwen3:0.6B"]
+    names = [f"m{index:02d}" for index in range(30)]
+    for name in names:
+        reference = f"ai/many-{name}:1"
+        digest = "sha256:" + f"{int(name[1:]):064x}"
+        runner.catalogue[f"docker.io/{reference}"] = dataclasses.replace(
+            source, reference=reference, digest=digest
+        )
+    runner.pull_line_delay = 0.1
+    for name in names:
+        objects.create(PLURAL, cluster.dmrmodel(name, {"model": f"ai/many-{name}:1"}))
+
+    seen_states: set[str] = set()
+    custom: Any = kubernetes.client.CustomObjectsApi(api_client)
+
+    def all_ready() -> bool:
+        items = custom.list_namespaced_custom_object(
+            constants.GROUP, constants.VERSION, namespace, PLURAL
+        )["items"]
+        by_name = {item["metadata"]["name"]: item.get("status") or {} for item in items}
+        # The model already served stays Ready throughout.
+        assert by_name["served"].get("phase") == "Ready", by_name["served"]
+        for status in by_name.values():
+            seen_states.update(r["state"] for r in status.get("runners") or [])
+            seen_states.update(c["reason"] for c in status.get("conditions") or [])
+        return all(by_name.get(name, {}).get("phase") == "Ready" for name in names)
+
+    wait_for(all_ready, timeout=60, interval=0.2, message="thirty models Ready")
+
+    assert "Queued" in seen_states and "PullQueued" in seen_states
+    assert "RunnerUnreachable" not in seen_states
+    warnings = {e.reason for e in cluster.events_for(api_client, namespace, "served")}
+    for name in names:
+        warnings |= {e.reason for e in cluster.events_for(api_client, namespace, name)}
+    assert "RunnerUnreachable" not in warnings
+    # The operator never had more pulls open on the runner than it serves, and each model was
+    # pulled and configured exactly once.
+    assert runner.max_pulls_in_flight == 2
+    assert pulled(runner) == sorted([f"ai/many-{n}:1" for n in names] + ["ai/smollm2:latest"])
+    configured = sorted(body["model"] for body in bodies(runner, CONFIGURE_LLAMA))
+    assert configured == sorted([f"ai/many-{n}:1" for n in names] + ["ai/smollm2:latest"])
 
 
 def test_scaling_the_pool_out_configures_the_new_pods(

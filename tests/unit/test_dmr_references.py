@@ -57,6 +57,24 @@ def test_qualified_tag(reference: str, tag: str) -> None:
     assert references.qualified_tag(reference) == tag
 
 
+@pytest.mark.parametrize(
+    ("reference", "tag"),
+    [
+        # Names without a registry take the runner's DEFAULT_REGISTRY (seen on the real server:
+        # a pull of ai/gemma3:270m from a loopback registry is stored under its address).
+        ("ai/gemma3:270m", "127.0.0.1:5000/ai/gemma3:270m"),
+        ("gemma3", "127.0.0.1:5000/ai/gemma3:latest"),
+        # A written registry stays; Docker Hub spellings still mean Docker Hub.
+        ("registry.example/ai/x:1", "registry.example/ai/x:1"),
+        ("docker.io/ai/x:1", "docker.io/ai/x:1"),
+        ("hf.co/org/m:Q4_K_M", "huggingface.co/org/m:Q4_K_M"),
+    ],
+)
+def test_qualified_tag_on_a_runner_with_a_default_registry(reference: str, tag: str) -> None:
+    assert references.qualified_tag(reference, default_registry="127.0.0.1:5000") == tag
+    assert references.tag_matches_reference(tag, reference, default_registry="127.0.0.1:5000")
+
+
 def test_references_address_the_same_store_model() -> None:
     same = ["ai/qwen3", "ai/qwen3:latest", "docker.io/ai/qwen3:latest", "qwen3", "QWEN3"]
     assert all(references.references_equal(same[0], other) for other in same)

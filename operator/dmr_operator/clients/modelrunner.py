@@ -77,6 +77,11 @@ class PullFailed(RunnerError):
     inside the 200 stream (error line, trailing plain-text line, or no success line)."""
 
 
+class PullInterrupted(PullFailed):
+    """The pull's stream broke off or went silent past the read timeout after the runner took
+    the request: that pull failed, the runner itself may be fine (slow registry, big layer)."""
+
+
 class DeleteConflict(RunnerError):
     """409 on delete: the model has several tags and must be deleted with ``force``."""
 
@@ -254,8 +259,10 @@ class ModelRunnerClient:
                         failure = failure or progress.message or "pull failed"
                     elif progress.type == wire.PULL_SUCCESS:
                         success = progress
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            raise RunnerUnreachable(f"{self.base_url}: {error!r}") from error
         except httpx.TransportError as error:
-            raise RunnerUnreachable(f"{self.base_url}: pull interrupted: {error!r}") from error
+            raise PullInterrupted(f"pull of {reference} interrupted: {error!r}") from error
         if failure is not None:
             raise PullFailed(failure)
         if success is None:

@@ -46,6 +46,9 @@ class ControllerSettings:
     """Hosts an external ``runners.url`` may name (the SSRF boundary)."""
     parallel_per_runner: int = 8
     """Models configured concurrently on one runner."""
+    pulls_per_runner: int = 2
+    """Pulls in flight per runner: model-runner runs 2 at once and holds a third without
+    response headers until a slot frees, so more would only wait there, unseen."""
     targeted_readback: int = 4
     """Up to this many models sent in one pass are read back one by one (``?model=``); more,
     and the whole listing is read once. The listing grows with the models on the runner."""
@@ -103,6 +106,8 @@ class _RunnerState:
     ever_configured: set[str] = field(default_factory=set)
     restarted: bool = False
     """The operator saw this runner restart (so recorded times from before are stale)."""
+    pull_slots: asyncio.Semaphore | None = None
+    """The runner's pull slots as this process uses them (created on the worker's loop)."""
 
 
 class DMRModelController:
@@ -682,6 +687,12 @@ class RunnerWorker:
         spec = target.spec
         assert spec is not None and self.state.store is not None
         stored = self.state.store.get(references.qualified_tag(reference))
+        if stored is None and spec.pull_policy != "Always":
+            # A runner with DEFAULT_REGISTRY set (a mirror) tags what it pulled with that
+            # registry's host, which no reference names: only the runner can resolve the name.
+            stored = await client.get_model(reference)
+            if stored is not None:
+                self.state.store[references.qualified_tag(reference)] = stored
         if stored is not None and spec.pull_policy != "Always":
             return stored
         if stored is None and spec.pull_policy == "Never":
@@ -695,7 +706,32 @@ class RunnerWorker:
                 f"(retry in {delay:.0f}s)",
             )
             return None
+        slots = self._pull_slots()
+        if slots.locked():
+            placement.state, placement.reason = "Queued", Reason.PULL_QUEUED
+            placement.message = (
+                f"waiting for one of the runner's {self.controller.settings.pulls_per_runner} "
+                "pull slots"
+            )
+            placement.visited = True
+            self.controller.status.mark(target.key)
+        async with slots:
+            return await self._pull(client, target, reference, placement)
+
+    def _pull_slots(self) -> asyncio.Semaphore:
+        if self.state.pull_slots is None:
+            self.state.pull_slots = asyncio.Semaphore(self.controller.settings.pulls_per_runner)
+        return self.state.pull_slots
+
+    async def _pull(
+        self,
+        client: modelrunner.ModelRunnerClient,
+        target: ModelTarget,
+        reference: str,
+        placement: Placement,
+    ) -> wire.StoreModel:
         placement.state, placement.reason = "Pulling", Reason.PULLING
+        placement.message = None
         placement.visited = True  # long work in progress is news: show it while it lasts
         placement.pulled_percent = 0
         self.controller.status.mark(target.key)
@@ -715,7 +751,8 @@ class RunnerWorker:
         stored = await client.get_model(reference)
         if stored is None:
             raise modelrunner.PullFailed(f"{reference} is not in the store after a pull")
-        self.state.store[references.qualified_tag(reference)] = stored
+        if self.state.store is not None:  # None: forgotten meanwhile (restart), read again
+            self.state.store[references.qualified_tag(reference)] = stored
         message = f"pulled {reference} on {self.runner.name} ({wire.digest_of(stored)[:19]})"
         if not getattr(result, "cached", False):
             await self.controller.status.event_for(target.key, "Normal", "Pulled", message)

@@ -75,12 +75,14 @@ def normalize_reference(reference: str, *, resolve_id: IdResolver | None = None)
     return f"{name.lower()}:{tag}"
 
 
-def qualified_tag(reference: str) -> str:
+def qualified_tag(reference: str, *, default_registry: str = DEFAULT_DOMAIN) -> str:
     """The fully qualified form model-runner's store keeps and returns for a reference.
 
     ``ai/qwen3`` -> ``docker.io/ai/qwen3:latest``; ``index.docker.io/ai/x:1`` ->
     ``docker.io/ai/x:1``; ``hf.co/org/m:Q4_K_M`` -> ``huggingface.co/org/m:Q4_K_M``. IDs and
-    digest references (``name@sha256:...``) are returned as normalised.
+    digest references (``name@sha256:...``) are returned as normalised. A runner started with
+    ``DEFAULT_REGISTRY`` (a mirror) puts that host where no domain is written:
+    ``ai/qwen3`` -> ``mirror:5000/ai/qwen3:latest`` with ``default_registry="mirror:5000"``.
     """
     normalized = normalize_reference(reference)
     if not normalized or "@" in normalized or looks_like_id(normalized):
@@ -95,7 +97,7 @@ def qualified_tag(reference: str) -> str:
         domain, path = first, rest
         explicit_org = "/" in rest
     else:
-        domain, path = DEFAULT_DOMAIN, name
+        domain, path = default_registry, name
         explicit_org = bool(rest)
     if domain == LEGACY_DEFAULT_DOMAIN:
         domain = DEFAULT_DOMAIN
@@ -106,14 +108,18 @@ def qualified_tag(reference: str) -> str:
     return f"{domain}/{path}:{tag}"
 
 
-def references_equal(first: str, second: str) -> bool:
+def references_equal(first: str, second: str, *, default_registry: str = DEFAULT_DOMAIN) -> bool:
     """Whether two references address the same model in model-runner's store."""
-    return qualified_tag(first) == qualified_tag(second)
+    return qualified_tag(first, default_registry=default_registry) == qualified_tag(
+        second, default_registry=default_registry
+    )
 
 
-def tag_matches_reference(store_tag: str, reference: str) -> bool:
+def tag_matches_reference(
+    store_tag: str, reference: str, *, default_registry: str = DEFAULT_DOMAIN
+) -> bool:
     """Whether a tag returned by the runner (``docker.io/ai/qwen3:latest``) is ``reference``."""
-    return references_equal(store_tag, reference)
+    return references_equal(store_tag, reference, default_registry=default_registry)
 
 
 def display_name(reference: str) -> str:

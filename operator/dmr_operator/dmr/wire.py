@@ -234,9 +234,15 @@ class StoreModel(WireModel):
     created: int = 0
     config: StoreModelConfig = Field(default_factory=StoreModelConfig)
 
-    def has_reference(self, reference: str) -> bool:
-        """Whether one of the tags is ``reference`` (after model-runner's normalisation)."""
-        return any(references.tag_matches_reference(tag, reference) for tag in self.tags)
+    def has_reference(
+        self, reference: str, *, default_registry: str = references.DEFAULT_DOMAIN
+    ) -> bool:
+        """Whether one of the tags is ``reference`` (after model-runner's normalisation, on a
+        runner whose ``DEFAULT_REGISTRY`` is ``default_registry``)."""
+        return any(
+            references.tag_matches_reference(tag, reference, default_registry=default_registry)
+            for tag in self.tags
+        )
 
 
 def digest_of(model: StoreModel) -> str:

@@ -35,6 +35,7 @@ class Reason:
     PULLED = "Pulled"
     CONFIGURED = "Configured"
     PULLING = "Pulling"
+    PULL_QUEUED = "PullQueued"
     CONFIGURING = "Configuring"
     NO_RUNNERS = "NoRunners"
     RUNNER_UNREACHABLE = "RunnerUnreachable"
@@ -55,6 +56,7 @@ _REASON_PRIORITY = (
     Reason.RUNNER_UNREACHABLE,
     Reason.RUNNER_BUSY,
     Reason.PULLING,
+    Reason.PULL_QUEUED,
     Reason.CONFIGURING,
 )
 
@@ -368,7 +370,7 @@ def model_status(
         reason, message = blocking
         if configured:
             phase = "Degraded"
-        elif any(p.state == "Pulling" for p in placements):
+        elif any(p.state in ("Pulling", "Queued") for p in placements):
             phase = "Pulling"
         elif all(p.state == "Failed" for p in placements):
             phase = "Failed"

@@ -23,7 +23,7 @@ PullPolicy = Literal["IfNotPresent", "Always", "Never"]
 DeletionPolicy = Literal["Unload", "Delete", "Retain"]
 BusyPolicy = Literal["WaitIdle", "Unload"]
 Phase = Literal["Pending", "Pulling", "Configuring", "Ready", "Degraded", "Failed"]
-RunnerState = Literal["Pending", "Pulling", "Configuring", "Configured", "Busy", "Failed"]
+RunnerState = Literal["Pending", "Queued", "Pulling", "Configuring", "Configured", "Busy", "Failed"]
 
 # A flag element may not contain a path separator (model-runner rejects '/' and '\').
 _NO_PATH_PATTERN = r"^[^/\\]*$"
