@@ -99,3 +99,51 @@ async def test_client_refuses_invalid_config_before_sending(target: Target) -> N
     )
     if target.emulator is not None:
         assert target.emulator.calls("POST", "/engines/llama.cpp/_configure") == []
+
+
+async def test_go_mux_details(target: Target) -> None:
+    engines = await target.http.get(target.url + "/engines")
+    assert (engines.status_code, engines.headers["location"]) == (307, "/engines/")
+    assert engines.text == '<a href="/engines/">Temporary Redirect</a>.\n\n'
+    # HEAD answers every GET route with its headers and no body.
+    for path in ("/models", "/engines/status", "/engines/_configure"):
+        get, head = (
+            await target.http.get(target.url + path),
+            await target.http.head(target.url + path),
+        )
+        assert head.status_code == get.status_code == 200
+        assert head.headers["content-type"] == get.headers["content-type"] == "application/json"
+        assert head.content == b""
+    preflight = await target.http.options(
+        target.url + "/models",
+        headers={"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert (preflight.status_code, preflight.text) == (403, "Origin not allowed\n")
+
+
+async def test_an_ollama_client_replaces_the_stored_configuration(target: Target) -> None:
+    await target.client.pull(target.model)
+    request = wire.ConfigureRequest(
+        model=target.model,
+        context_size=1024,
+        keep_alive="10m",
+        runtime_flags=["--temp", "0.5"],
+    )
+    await target.client.configure("llama.cpp", request)
+    answer = await target.http.post(
+        target.url + "/api/chat",
+        json={
+            "model": target.model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": False,
+            "options": {"num_ctx": 768, "num_predict": 2},
+            "keep_alive": "5m",
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["done"] is True
+    (entry,) = await target.client.read_configs(target.model)
+    # Everything the operator had set is gone, not merged: only what the Ollama call named.
+    assert entry.config.context_size == 768
+    assert entry.config.keep_alive == "5m0s"
+    assert entry.config.runtime_flags is None

@@ -609,6 +609,17 @@ class RunnerWorker:
             if applied is None or applied.rejected:
                 continue
             if not _matching(entries, applied):
+                changed = _overwritten(entries, applied)
+                if changed:
+                    # Someone else configured the model (an Ollama client's num_ctx, keep_alive
+                    # or think replaces the whole stored configuration): say what, then restore.
+                    self.controller.status.event_soon(
+                        target.key,
+                        "Warning",
+                        "ConfigOverwritten",
+                        f"another client replaced the configuration on {self.runner.name} "
+                        f"({'; '.join(changed)}): restoring it",
+                    )
                 logger.info("runner %s lost %s: re-applying", self.runner.key, target.key)
                 del self.state.applied[target.key]
                 self.controller.placement(target, self.runner).state = "Configuring"
@@ -900,6 +911,20 @@ def _matching(
         ):
             return entry
     return None
+
+
+def _overwritten(entries: Iterable[wire.ModelConfigEntry], applied: Applied) -> list[str]:
+    """What differs in the runner's entry for what was applied (same backend, model, mode), or
+    nothing when there is no such entry (a restart forgets configurations, nobody replaced it)."""
+    request = wire.ConfigureRequest.model_validate(applied.request)
+    for entry in entries:
+        if (entry.backend, entry.model_id, entry.mode) == (
+            applied.backend,
+            applied.digest,
+            request.effective_mode(),
+        ):
+            return wire.config_differences(request, entry, backend=applied.backend)
+    return []
 
 
 class StatusWriter:

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import re
@@ -124,8 +125,9 @@ def text_error(status: int, message: str) -> web.Response:
 
 
 def json_response(data: Any, *, status: int = 200) -> web.Response:
+    # body=, not text=: the real server sends "application/json" with no charset parameter.
     return web.Response(
-        status=status, text=go_json(data), headers={"Content-Type": "application/json"}
+        status=status, body=go_json(data).encode(), headers={"Content-Type": "application/json"}
     )
 
 
@@ -194,6 +196,7 @@ class ModelRunnerEmulator:
         # seen at once: a client that respects the runner's 2 slots never exceeds 2.
         self.pulls_in_flight = 0
         self.max_pulls_in_flight = 0
+        self.ollama_replaces_config = True
 
     # --- lifecycle (PodProcess protocol) ---------------------------------------------------------
 
@@ -352,7 +355,22 @@ class ModelRunnerEmulator:
         return response
 
     async def _route(self, request: web.Request, path: str, raw: bytes) -> web.StreamResponse:
+        if request.method == "HEAD":
+            # Go's mux answers HEAD on every GET route (headers only; aiohttp drops the body).
+            request = request.clone(method="GET")
+        if request.method == "OPTIONS" and request.headers.get("Origin"):
+            # CORS preflight from an origin the runner was not told to allow.
+            return text_error(403, "Origin not allowed")
         method = request.method
+        if path == "/engines":
+            # Go's ServeMux redirects to the subtree pattern (307 since Go 1.22-era muxes).
+            return web.Response(
+                status=307,
+                text='<a href="/engines/">Temporary Redirect</a>.\n\n',
+                headers={"Location": "/engines/", "Content-Type": "text/html; charset=utf-8"},
+            )
+        if method == "POST" and path in ("/api/chat", "/api/generate"):
+            return await self._ollama(request, path, raw)
         if path == "/":
             return web.Response(text="Docker Model Runner is running")
         if path == "/version":
@@ -671,6 +689,41 @@ class ModelRunnerEmulator:
             runner = await self._acquire_runner(backend, model, "completion")
             self._release(runner)
 
+    # --- the Ollama API -----------------------------------------------------------------------
+
+    async def _ollama(self, request: web.Request, path: str, raw: bytes) -> web.StreamResponse:
+        """``/api/chat`` and ``/api/generate``: ``num_ctx``, ``keep_alive`` or a boolean ``think``
+        make the runner store a new configuration for the model that *replaces* the one it had
+        (only those fields, the rest gone), before it answers. ``ollama_replaces_config=False``
+        turns that off for tests that want an Ollama client without the side effect."""
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise ValueError
+            model = _string_or_empty(body.get("model"))
+        except ValueError:
+            return text_error(400, "invalid request")
+        if self.ollama_replaces_config:
+            replacement = ollama_configuration(model, body)
+            if replacement is not None:
+                with self._lock, contextlib.suppress(ConfigError):
+                    self.loader.configure(validation.DEFAULT_BACKEND, replacement)
+        try:
+            runner = await self._acquire_runner("", model, "completion")
+        except _InferenceError as error:
+            return text_error(error.status, error.message)
+        try:
+            created = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+            answer: dict[str, Any] = {"model": model, "created_at": created}
+            if path == "/api/chat":
+                answer["message"] = {"role": "assistant", "content": "Hello from the emulator."}
+            else:
+                answer["response"] = "Hello from the emulator."
+            answer["done"] = True
+            return json_response(answer)
+        finally:
+            self._release(runner)
+
     # --- inference ------------------------------------------------------------------------------
 
     def _runner_key(self, backend: str, model_id: str, mode: str) -> emulator_state.RunnerKey:
@@ -768,6 +821,33 @@ class ModelRunnerEmulator:
             await asyncio.sleep(self.idle_check_interval)
             with self._lock:
                 self.loader.expire_idle(time_scale=self.time_scale)
+
+
+def ollama_configuration(model: str, body: Mapping[str, Any]) -> wire.ConfigureRequest | None:
+    """The configuration an Ollama ``/api/chat`` or ``/api/generate`` body makes model-runner
+    store (upstream ``pkg/ollama``: ``options.num_ctx``, ``keep_alive`` (also inside
+    ``options``), boolean ``think`` as reasoning budget -1/0), or None when it names none."""
+    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    assert isinstance(options, dict)
+    keep_alive = body.get("keep_alive") if isinstance(body.get("keep_alive"), str) else ""
+    if not keep_alive and isinstance(options.get("keep_alive"), str):
+        keep_alive = options["keep_alive"]
+    context = options.get("num_ctx")
+    think = body.get("think")
+    fields: dict[str, Any] = {"model": model}
+    if isinstance(context, int | float) and not isinstance(context, bool):
+        fields["context-size"] = int(context)
+    if isinstance(think, bool):
+        fields["llamacpp"] = {"reasoning-budget": -1 if think else 0}
+    if keep_alive:
+        try:
+            validation.parse_keep_alive(keep_alive)
+            fields["keep_alive"] = keep_alive
+        except validation.RunnerValidationError:
+            pass  # upstream logs the bad value and configures without it
+    if len(fields) == 1:
+        return None
+    return emulator_state.decode_configure_request(fields)
 
 
 class _InferenceError(Exception):

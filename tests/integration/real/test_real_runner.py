@@ -157,3 +157,60 @@ def test_an_embedding_model_returns_a_vector(
     vector = answer.json()["data"][0]["embedding"]
     assert len(vector) == 640  # gemma3.embedding_length in the model's GGUF metadata
     assert any(value != 0 for value in vector)
+
+
+def test_an_ollama_clients_configuration_is_noticed_and_undone(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    real_runners: realpeers.RealRunnerFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    pod = single_runner_pool(api_client, node_simulator, namespace)
+    spec = {
+        "model": realpeers.GEMMA,
+        "contextSize": CONTEXT_SIZE,
+        "keepAlive": "10m",
+        "runtimeFlags": ["--temp", "0.2"],
+    }
+    objects.create(PLURAL, cluster.dmrmodel("gemma", spec))
+    objects.wait_phase(PLURAL, "gemma", "Ready", timeout=120)
+    runner = real_runners.of(namespace, pod).runner
+
+    # Open WebUI and friends talk Ollama to the pool: num_ctx replaces the stored configuration.
+    backend = cluster.service_backend_url(api_client, namespace, "pool-default")
+    with httpx.Client(base_url=backend, timeout=COMPLETION_TIMEOUT) as http:
+        answer = http.post(
+            "/api/chat",
+            json={
+                "model": realpeers.GEMMA,
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": False,
+                "options": {"num_ctx": 768, "num_predict": 2},
+            },
+        )
+    assert answer.status_code == 200, answer.text
+
+    def stored() -> dict[str, Any]:
+        with runner.http(timeout=10) as http:
+            (entry,) = http.get("/engines/_configure").json()
+        config: dict[str, Any] = entry["Config"]
+        return config
+
+    # The operator reads back every 2 s here (60 s by default) and restores what it applied.
+    wait_for(
+        lambda: stored().get("context-size") == CONTEXT_SIZE,
+        timeout=30,
+        message="the operator to restore its configuration",
+    )
+    assert stored()["runtime-flags"] == ["--temp", "0.2"]
+
+    def overwritten() -> list[Any]:
+        found = cluster.events_for(api_client, namespace, "gemma")
+        return [e for e in found if e.reason == "ConfigOverwritten"]
+
+    events = wait_for(overwritten, timeout=10, message="a ConfigOverwritten event")
+    assert len(events) == 1
+    assert "context-size" in events[0].message and "runtime-flags" in events[0].message
+    assert chat(backend, realpeers.GEMMA)["usage"]["completion_tokens"] > 0
