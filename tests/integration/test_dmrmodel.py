@@ -130,6 +130,7 @@ def test_every_option_on_a_three_replica_pool(
     assert {t: c["status"] for t, c in conditions.items()} == {
         "Pulled": "True",
         "Configured": "True",
+        "WithinCapacity": "True",  # one model per single-GPU runner on an 8-CPU node
         "Ready": "True",
     }
 
@@ -261,6 +262,92 @@ def test_thirty_models_at_once_wait_for_the_runners_two_pull_slots(
     assert pulled(runner) == sorted([f"ai/many-{n}:1" for n in names] + ["ai/smollm2:latest"])
     configured = sorted(body["model"] for body in bodies(runner, CONFIGURE_LLAMA))
     assert configured == sorted([f"ai/many-{n}:1" for n in names] + ["ai/smollm2:latest"])
+
+
+def test_a_backend_the_runners_image_lacks_is_a_condition_not_a_retry_loop(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    runner = emulators.of(namespace, pod)
+    runner.use_image("latest")  # llama.cpp only: no vLLM binary
+    objects.create(PLURAL, cluster.dmrmodel("qwen-vllm", VLLM_SPEC))
+    objects.create(PLURAL, cluster.dmrmodel("smol", {"model": "ai/smollm2"}))
+    objects.wait_phase(PLURAL, "smol", "Ready")
+    failed = objects.wait_phase(PLURAL, "qwen-vllm", "Failed")["status"]
+    ready = {c["type"]: c for c in failed["conditions"]}["Ready"]
+    assert ready["reason"] == "BackendUnavailable"
+    assert "backend vllm is not available on runner" in ready["message"]
+    assert f"(image {cluster.RUNNER_IMAGE})" in ready["message"]
+    assert "'Not Installed: binary not found'" in ready["message"]
+    assert "latest-vllm-cuda" in ready["message"]
+    # Nothing the runner could not load was configured, and the retries back off.
+    assert runner.calls("POST", CONFIGURE_VLLM) == []
+    asked = len(runner.calls("GET", "/engines/status"))
+    time.sleep(3)
+    assert len(runner.calls("GET", "/engines/status")) - asked <= 1
+
+    # The pool moves to a vLLM image (a new pod process): the model is configured there.
+    runner.use_image("latest-vllm-cuda")
+    node_simulator.crash(namespace, pod)
+    objects.wait_phase(PLURAL, "qwen-vllm", "Ready", timeout=30)
+    assert bodies(runner, CONFIGURE_VLLM) == [VLLM_WIRE]
+
+
+def test_models_beyond_a_runners_slots_and_gpu_memory_are_flagged(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    # 2 CPUs: model-runner runs min(2, 8) = 2 models at once; one GPU of 100 MiB.
+    node_simulator.add_node(
+        f"{namespace}-small", gpus=1, cpu="2", labels={"nvidia.com/gpu.memory": "100"}
+    )
+    cluster.create_runner_pool(api_client, namespace=namespace, replicas=1, gpus=1)
+    (pod,) = cluster.wait_for_runner_pods(api_client, namespace, "default", 1)
+    models = {"qwen": "ai/qwen3:0.6B", "smol": "ai/smollm2", "gemma": "ai/embeddinggemma"}
+    for name, reference in models.items():
+        mode = {"mode": "embedding"} if name == "gemma" else {}
+        objects.create(PLURAL, cluster.dmrmodel(name, {"model": reference, **mode}))
+
+    def capacity_condition(name: str) -> dict[str, Any] | None:
+        conditions = objects.status(PLURAL, name).get("conditions") or []
+        return next((c for c in conditions if c["type"] == "WithinCapacity"), None)
+
+    def over(name: str) -> dict[str, Any] | None:
+        found = capacity_condition(name)
+        message = (found or {}).get("message", "")
+        return found if found and "GPUs have" in message else None
+
+    for name in models:
+        objects.wait_phase(PLURAL, name, "Ready")  # a warning, not a block
+        condition = wait_for(lambda n=name: over(n), timeout=15, message=f"{name} flagged")
+        assert condition["status"] == "False" and condition["reason"] == "OverCapacity"
+        assert (
+            f"3 models are assigned to runner {pod}, which has 2 runner slots"
+            in (condition["message"])
+        )
+        # 64 + 32 + 48 MiB of weights on a 100 MiB GPU.
+        assert (
+            "need 0.14 GiB (KV caches come on top), its GPUs have 0.10 GiB"
+            in (condition["message"])
+        )
+    assert "OverCapacity" in {e.reason for e in cluster.events_for(api_client, namespace, "qwen")}
+
+    objects.delete(PLURAL, "gemma")
+    for name in ("qwen", "smol"):
+        wait_for(
+            lambda n=name: (capacity_condition(n) or {}).get("status") == "True",
+            timeout=15,
+            message=f"{name} within capacity again",
+        )
 
 
 def test_scaling_the_pool_out_configures_the_new_pods(

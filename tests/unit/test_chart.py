@@ -280,6 +280,7 @@ def test_namespaced_rbac_is_a_role_per_watched_namespace() -> None:
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
         ("", "namespaces", "list"),
         ("", "namespaces", "watch"),
+        ("", "nodes", "get"),  # rbac.readNodes: runner capacity
     }
 
 
@@ -288,8 +289,15 @@ def test_rbac_is_least_privilege(values: dict[str, Any]) -> None:
     for role in find(render(values), "ClusterRole") + find(render(values), "Role"):
         for group, resource, verb in rules_of(role):
             assert "*" not in (group, resource, verb)
-            assert resource not in ("secrets", "nodes", "pods/exec", "serviceaccounts/token")
+            assert resource not in ("secrets", "pods/exec", "serviceaccounts/token")
             assert verb not in ("escalate", "bind", "impersonate", "deletecollection")
+            # Nodes: only get, by name, for the capacity of the runners' nodes.
+            assert resource != "nodes" or (verb == "get" and role["kind"] == "ClusterRole")
+
+
+def test_node_reads_can_be_turned_off() -> None:
+    cluster_role = only(render({"rbac": {"readNodes": False}}), "ClusterRole")
+    assert not any(resource == "nodes" for _, resource, _ in rules_of(cluster_role))
 
 
 def test_lease_rights_only_for_the_lease_in_the_release_namespace() -> None:
@@ -356,6 +364,16 @@ def runner_container(statefulset: dict[str, Any]) -> dict[str, Any]:
             {"nvidia.com/gpu": "4"},
         ),
         (
+            {"name": "p", "accelerator": "nvidia", "engine": "vllm"},
+            "docker/model-runner:latest-vllm-cuda",
+            {"nvidia.com/gpu": "1"},
+        ),
+        (
+            {"name": "p", "accelerator": "nvidia", "engine": "sglang"},
+            "docker/model-runner:latest-sglang-cuda",
+            {"nvidia.com/gpu": "1"},
+        ),
+        (
             {"name": "p", "accelerator": "amd"},
             "docker/model-runner:latest-rocm",
             {"amd.com/gpu": "1"},
@@ -379,7 +397,7 @@ def test_pool_image_and_gpus_follow_the_accelerator(
     limits = (container.get("resources") or {}).get("limits") or {}
     assert {k: v for k, v in limits.items() if k.endswith("/gpu")} == gpu_limit
     shm_mounted = any(m["mountPath"] == "/dev/shm" for m in container["volumeMounts"])
-    assert shm_mounted == bool(pool.get("vllm"))
+    assert shm_mounted == (bool(pool.get("vllm")) or pool.get("engine") in ("vllm", "sglang"))
 
 
 def test_pool_statefulset_and_service_match_what_the_operator_expects() -> None:
@@ -507,6 +525,7 @@ def test_schema_refuses_bad_values(values: dict[str, Any]) -> None:
         ({"rbac": {"clusterWide": False}}, "watchNamespaces"),
         ({"runnerPools": [{"name": "p"}, {"name": "p"}]}, "used twice"),
         ({"runnerPools": [{"name": "p", "accelerator": "amd", "vllm": True}]}, "vllm"),
+        ({"runnerPools": [{"name": "p", "engine": "sglang"}]}, "engine sglang needs"),
         ({"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}}, "metrics.enabled"),
     ],
 )

@@ -129,16 +129,20 @@ sprig's merge treats an explicit false as unset. Returns YAML; use with fromYaml
 {{- define "dmr-operator.pool" -}}
 {{- $pool := merge (deepCopy .pool) (deepCopy .root.Values.runnerPoolDefaults) }}
 {{- $_ := set $pool "cloudEnvironment" (ternary .pool.cloudEnvironment .root.Values.runnerPoolDefaults.cloudEnvironment (hasKey .pool "cloudEnvironment")) }}
-{{- $_ := set $pool "vllm" (and (hasKey .pool "vllm") .pool.vllm) }}
+{{- /* engine picks the image flavour; vllm: true is the older spelling of engine: vllm. */}}
+{{- $engine := default (ternary "vllm" "llama.cpp" (and (hasKey .pool "vllm") .pool.vllm)) .pool.engine }}
+{{- $_ := set $pool "engine" $engine }}
+{{- /* PyTorch engines share tensors through /dev/shm. */}}
+{{- $_ := set $pool "sharedMemory" (ne $engine "llama.cpp") }}
 {{- $_ := set $pool "accelerator" (default "cpu" .pool.accelerator) }}
 {{- $_ := set $pool "replicas" (ternary .pool.replicas 1 (hasKey .pool "replicas")) }}
 {{- if not .pool.image }}
 {{- $tag := get (dict "nvidia" "latest-cuda" "amd" "latest-rocm" "cpu" "latest") $pool.accelerator }}
-{{- if $pool.vllm }}
+{{- if ne $engine "llama.cpp" }}
 {{- if ne $pool.accelerator "nvidia" }}
-{{- fail (printf "runnerPools[%s]: vllm: true needs accelerator: nvidia (the vLLM image is CUDA only; set image for another build)" .pool.name) }}
+{{- fail (printf "runnerPools[%s]: engine %s needs accelerator: nvidia (its image is CUDA only; set image for another build)" .pool.name $engine) }}
 {{- end }}
-{{- $tag = "latest-vllm-cuda" }}
+{{- $tag = printf "latest-%s-cuda" $engine }}
 {{- end }}
 {{- $_ := set $pool "image" (printf "%s:%s" $pool.imageRepository $tag) }}
 {{- end }}

@@ -37,6 +37,15 @@ DEFAULT_PULL_READ_TIMEOUT: Final = 120.0
 DEFAULT_PRELOAD_TIMEOUT: Final = 330.0
 
 
+# The inference route (and the rest of a minimal body) that loads a model in each mode.
+_PRELOAD_ROUTES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
+    "completion": ("v1/chat/completions", {"messages": []}),
+    "embedding": ("v1/embeddings", {"input": ""}),
+    "reranking": ("rerank", {"query": "", "documents": []}),
+    "image-generation": ("v1/images/generations", {"prompt": ""}),
+}
+
+
 class RunnerError(Exception):
     """A failed model-runner call; ``message`` is the runner's plain text when it sent one."""
 
@@ -367,13 +376,17 @@ class ModelRunnerClient:
         model: str,
         backend: str | None = None,
         *,
+        mode: str = "completion",
         load_timeout: float = DEFAULT_PRELOAD_TIMEOUT,
     ) -> None:
-        """Block until the model's runner is loaded (``X-Preload-Only``); 404 if not pulled."""
+        """Block until the model's runner for ``mode`` is loaded (``X-Preload-Only``: the
+        route decides the mode, so an embedding model is warmed on its embeddings route);
+        404 if not pulled."""
+        route, body = _PRELOAD_ROUTES.get(mode, _PRELOAD_ROUTES["completion"])
         await self._call(
             "POST",
-            f"{_engine_prefix(backend)}/v1/chat/completions",
-            body={"model": model, "messages": []},
+            f"{_engine_prefix(backend)}/{route}",
+            body={"model": model, **body},
             headers={"X-Preload-Only": "true"},
             request_timeout=httpx.Timeout(load_timeout, connect=DEFAULT_TIMEOUT.connect),
         )

@@ -27,7 +27,7 @@ from dmr_operator import constants, metrics
 from dmr_operator.clients import kube as kube_client
 from dmr_operator.clients import modelrunner
 from dmr_operator.dmr import references, wire
-from dmr_operator.reconcile import dmrmodel, documents, selectors
+from dmr_operator.reconcile import backends, capacity, dmrmodel, documents, selectors
 from dmr_operator.reconcile import runners as runner_views
 from dmr_operator.reconcile.dmrmodel import ModelTarget, Placement, Reason
 
@@ -72,6 +72,8 @@ class Applied:
     digest: str
     request: dict[str, Any]
     rejected: bool = False
+    warmed: bool = False
+    """spec.warmup: loaded and listed by /engines/ps after this configuration."""
 
 
 @dataclass
@@ -108,6 +110,11 @@ class _RunnerState:
     """The operator saw this runner restart (so recorded times from before are stale)."""
     pull_slots: asyncio.Semaphore | None = None
     """The runner's pull slots as this process uses them (created on the worker's loop)."""
+    backend_status: dict[str, str] | None = None
+    """``GET /engines/status`` of the current incarnation (the image decides; asked once)."""
+    capacity: capacity.RunnerCapacity | None = None
+    capacity_read: bool = False
+    """The runner's node was read for this incarnation (``capacity`` None: not knowable)."""
 
 
 class DMRModelController:
@@ -506,6 +513,8 @@ class RunnerWorker:
             state.applied.clear()
             state.store = None
             state.entries = None
+            state.backend_status = None
+            state.capacity, state.capacity_read = None, False
             state.backoff.clear()
             state.known_incarnation = runner.incarnation
             state.next_verify = 0.0
@@ -532,6 +541,7 @@ class RunnerWorker:
         work = [t for t in targets if self._needs_work(t, now)]
         verify = now >= state.next_verify
         if not work and not verify:
+            await self._update_capacity(targets)
             self._mark_visited(targets)
             await self._update_readiness_gate(targets)
             return
@@ -562,6 +572,7 @@ class RunnerWorker:
                     entries = await self._read_back(client, entries, sent_targets)
                 for target in work:
                     self._check(target, entries)
+                await self._warm(client, work)
             state.entries = entries
             state.runner_backoff = Backoff()
             state.next_verify = controller.clock() + settings.verify_interval
@@ -570,6 +581,7 @@ class RunnerWorker:
             delay = state.runner_backoff.failed(settings.unreachable_backoff, controller.clock())
             for target in targets:
                 self._fail(target, Reason.RUNNER_UNREACHABLE, f"{error} (retry in {delay:.0f}s)")
+        await self._update_capacity(targets)
         self._mark_visited(targets)
         await self._update_readiness_gate(targets)
 
@@ -643,6 +655,8 @@ class RunnerWorker:
                 return False
             placement.pulled, placement.pulled_percent = True, 100
             backend = dmrmodel.resolve_backend(spec, stored.config.format)
+            if not await self._backend_ready(client, target, backend):
+                return False
             request_body = dmrmodel.configure_request(target, backend)
             request = wire.ConfigureRequest.model_validate(request_body)
             applied = Applied(
@@ -686,6 +700,69 @@ class RunnerWorker:
                 controller.settings.failure_backoff, controller.clock()
             )
             self._fail(target, Reason.CONFIG_REJECTED, f"{error} (retry in {delay:.0f}s)")
+        return False
+
+    async def _update_capacity(self, targets: list[ModelTarget]) -> None:
+        """Say on each model of this runner whether the runner can hold them all (its node is
+        read once per incarnation; sizes come from the runner's own store)."""
+        state, runner, controller = self.state, self.runner, self.controller
+        if runner.external or runner.node is None:
+            return
+        if not state.capacity_read:
+            state.capacity_read = True
+            try:
+                node = await controller.kube.get(
+                    api_version="v1", kind="Node", namespace="", name=runner.node
+                )
+            except kube_client.KubeError as error:  # e.g. RBAC without nodes: nothing to say
+                logger.info("capacity of %s unknown: %s", runner.key, error)
+                node = None
+            if node is not None:
+                state.capacity = capacity.capacity_of(node, pod_gpus=runner.gpus)
+        if state.capacity is None:
+            return
+        sizes = []
+        for target in targets:
+            stored = (state.store or {}).get(references.qualified_tag(target.normalized or ""))
+            sizes.append(capacity.size_in_bytes(stored.config.size) if stored else None)
+        warning = capacity.over_capacity(state.capacity, runner=runner.name, model_sizes=sizes)
+        for target in targets:
+            placement = controller.placement(target, runner)
+            if placement.capacity_checked and placement.over_capacity == warning:
+                continue
+            placement.capacity_checked, placement.over_capacity = True, warning
+            controller.status.mark(target.key)
+            if warning:
+                controller.status.event_soon(target.key, "Warning", Reason.OVER_CAPACITY, warning)
+
+    async def _backend_ready(
+        self, client: modelrunner.ModelRunnerClient, target: ModelTarget, backend: str
+    ) -> bool:
+        """Whether the runner's image can run ``backend``; otherwise the placement says why and
+        the model is retried later (a configuration the runner cannot load is never sent)."""
+        state, controller = self.state, self.controller
+        if state.backend_status is None:
+            state.backend_status = await client.status()
+        check = backends.check_backend(backend, state.backend_status)
+        if check.available:
+            return True
+        state.backend_status = None  # asked again at the retry
+        placement = controller.placement(target, self.runner)
+        if check.verdict == "starting":
+            delay = self._backoff(target).failed(
+                controller.settings.busy_backoff, controller.clock()
+            )
+            placement.state, placement.reason = "Configuring", Reason.CONFIGURING
+            placement.message = f"the runner is still checking its backends (retry in {delay:.0f}s)"
+            controller.status.mark(target.key)
+            return False
+        delay = self._backoff(target).failed(
+            controller.settings.failure_backoff, controller.clock()
+        )
+        message = backends.unavailable_message(
+            backend, check, runner=self.runner.name, image=self.runner.image
+        )
+        self._fail(target, Reason.BACKEND_UNAVAILABLE, f"{message} (retry in {delay:.0f}s)")
         return False
 
     async def _ensure_pulled(
@@ -784,6 +861,64 @@ class RunnerWorker:
                 raise
             await client.unload(backend=backend, models=[model])
             await client.configure(backend, request)
+
+    async def _warm(self, client: modelrunner.ModelRunnerClient, work: list[ModelTarget]) -> None:
+        """spec.warmup: load each newly configured model (``X-Preload-Only``, as the first
+        request would) and confirm the runner lists it loaded, before it counts as Ready."""
+        controller = self.controller
+        pending: list[tuple[ModelTarget, Applied, Placement]] = []
+        for target in work:
+            applied = self.state.applied.get(target.key)
+            placement = controller.placement(target, self.runner)
+            spec = target.spec
+            if (
+                spec is not None
+                and spec.warmup
+                and applied is not None
+                and not applied.warmed
+                and placement.state == "Configured"
+            ):
+                # All of them at once, before the first await: none may look Ready meanwhile.
+                placement.state, placement.reason = "Loading", Reason.LOADING
+                placement.loaded = False
+                controller.status.mark(target.key)
+                pending.append((target, applied, placement))
+        for target, applied, placement in pending:
+            mode = wire.ConfigureRequest.model_validate(applied.request).effective_mode()
+            assert target.normalized is not None
+            try:
+                await client.preload(target.normalized, applied.backend, mode=mode)
+                running = await client.ps()
+            except modelrunner.RunnerError as error:
+                self._load_failed(target, f"warm-up load failed: {error}")
+                continue
+            loaded = any(
+                entry.backend_name == applied.backend
+                and entry.mode == mode
+                and not entry.loading
+                and references.normalize_reference(entry.model_name) == target.normalized
+                for entry in running
+            )
+            if not loaded:
+                self._load_failed(
+                    target, f"loaded, but /engines/ps does not list it ({mode}, {applied.backend})"
+                )
+                continue
+            applied.warmed = True
+            placement.state, placement.reason, placement.loaded = (
+                "Configured",
+                Reason.CONFIGURED,
+                True,
+            )
+            controller.status.mark(target.key)
+
+    def _load_failed(self, target: ModelTarget, message: str) -> None:
+        """The warm-up failed: configured again, then warmed again, after a backoff."""
+        self.state.applied.pop(target.key, None)
+        delay = self._backoff(target).failed(
+            self.controller.settings.failure_backoff, self.controller.clock()
+        )
+        self._fail(target, Reason.LOAD_FAILED, f"{message} (retry in {delay:.0f}s)")
 
     def _check(self, target: ModelTarget, entries: list[wire.ModelConfigEntry]) -> None:
         """Compare the read-back with what was sent; only a match counts as configured."""

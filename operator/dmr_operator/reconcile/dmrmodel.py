@@ -37,10 +37,15 @@ class Reason:
     PULLING = "Pulling"
     PULL_QUEUED = "PullQueued"
     CONFIGURING = "Configuring"
+    LOADING = "Loading"
+    OVER_CAPACITY = "OverCapacity"
+    WITHIN_CAPACITY = "WithinCapacity"
+    LOAD_FAILED = "LoadFailed"
     NO_RUNNERS = "NoRunners"
     RUNNER_UNREACHABLE = "RunnerUnreachable"
     PULL_FAILED = "PullFailed"
     CONFIG_REJECTED = "ConfigRejected"
+    BACKEND_UNAVAILABLE = "BackendUnavailable"
     CONFIG_MISMATCH = "ConfigMismatch"
     RUNNER_BUSY = "RunnerBusy"
     INVALID_SPEC = "InvalidSpec"
@@ -50,14 +55,17 @@ class Reason:
 # Which failure a person should hear about first when runners disagree.
 _REASON_PRIORITY = (
     Reason.INVALID_SPEC,
+    Reason.BACKEND_UNAVAILABLE,
     Reason.CONFIG_REJECTED,
     Reason.PULL_FAILED,
     Reason.CONFIG_MISMATCH,
+    Reason.LOAD_FAILED,
     Reason.RUNNER_UNREACHABLE,
     Reason.RUNNER_BUSY,
     Reason.PULLING,
     Reason.PULL_QUEUED,
     Reason.CONFIGURING,
+    Reason.LOADING,
 )
 
 
@@ -305,6 +313,10 @@ class Placement:
     digest: str | None = None
     backend: str | None = None
     config_hash: str | None = None
+    loaded: bool | None = None
+    over_capacity: str | None = None
+    """Why the models assigned to this runner exceed it (``capacity.over_capacity``)."""
+    capacity_checked: bool = False
     effective: Mapping[str, Any] | None = field(default=None)
     visited: bool = False
     """A runner worker has looked at this pair since the operator started: until then the
@@ -403,6 +415,7 @@ def model_status(
                 f"configured on {len(configured)}/{total} runner(s)"
                 + ("" if configured_ok else f": {message}"),
             ),
+            *_capacity_condition(placements),
             update("Ready", "True" if phase == "Ready" else "False", reason, message),
         ],
         now=now,
@@ -451,6 +464,28 @@ def _selector_labels(target: ModelTarget) -> dict[str, str]:
     return dict(target.pool_selector.get("matchLabels") or {})
 
 
+def _capacity_condition(placements: Sequence[Placement]) -> list[conditions.ConditionUpdate]:
+    """``WithinCapacity``, once a runner's capacity is known: a warning, never a block on Ready
+    (the runner still serves; it evicts or queues, which is what people need to hear)."""
+    checked = [p for p in placements if p.capacity_checked]
+    if not checked:
+        return []
+    over = [p.over_capacity for p in checked if p.over_capacity]
+    if over:
+        message = "; ".join(over[:3]) + (f" (and {len(over) - 3} more)" if len(over) > 3 else "")
+        return [
+            conditions.ConditionUpdate("WithinCapacity", "False", Reason.OVER_CAPACITY, message)
+        ]
+    return [
+        conditions.ConditionUpdate(
+            "WithinCapacity",
+            "True",
+            Reason.WITHIN_CAPACITY,
+            f"the models fit the runner slots and GPU memory of {len(checked)} runner(s)",
+        )
+    ]
+
+
 def _runner_status(placement: Placement) -> dict[str, Any]:
     runner = placement.runner
     return _without_none(
@@ -462,6 +497,7 @@ def _runner_status(placement: Placement) -> dict[str, Any]:
             "pulledPercent": placement.pulled_percent,
             "configuredAt": placement.configured_at,
             "message": placement.message,
+            "loaded": placement.loaded,
         }
     )
 

@@ -34,6 +34,8 @@ class Runner:
     readiness_gates: tuple[str, ...] = ()
     pod_conditions: Mapping[str, str] = field(default_factory=dict)
     external: bool = False
+    image: str | None = None  # the model-runner container's image (decides its backends)
+    gpus: int = 0  # GPUs its container asks for (any vendor's */gpu extended resource)
 
     @property
     def address(self) -> str | None:
@@ -46,6 +48,9 @@ def runner_from_pod(pod: Mapping[str, Any]) -> Runner:
     spec = pod.get("spec") or {}
     status = pod.get("status") or {}
     container, port = _runner_container(spec)
+    runner_container = next(
+        (c for c in spec.get("containers") or () if c.get("name") == container), None
+    )
     container_status = next(
         (s for s in status.get("containerStatuses") or () if s.get("name") == container), None
     )
@@ -73,6 +78,8 @@ def runner_from_pod(pod: Mapping[str, Any]) -> Runner:
         pod_conditions={
             str(c.get("type")): str(c.get("status")) for c in status.get("conditions") or ()
         },
+        image=str(runner_container.get("image")) if runner_container else None,
+        gpus=_gpu_count(runner_container),
     )
 
 
@@ -99,6 +106,12 @@ def _runner_container(spec: Mapping[str, Any]) -> tuple[str | None, int]:
     by_name = next((c for c in containers if c.get("name") == constants.RUNNER_CONTAINER), None)
     chosen = by_name or (containers[0] if containers else None)
     return (chosen.get("name") if chosen else None), constants.RUNNER_PORT
+
+
+def _gpu_count(container: Mapping[str, Any] | None) -> int:
+    limits = ((container or {}).get("resources") or {}).get("limits") or {}
+    counts = [str(v) for k, v in limits.items() if str(k).endswith("/gpu")]
+    return sum(int(v) for v in counts if v.isdigit())
 
 
 def _condition_status(status: Mapping[str, Any], type_: str) -> str | None:

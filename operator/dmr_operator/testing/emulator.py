@@ -65,6 +65,31 @@ DEFAULT_BACKEND_STATUS: Final[Mapping[str, str]] = {
     "sglang": "Not Installed: package not installed",
     "diffusers": "Running: diffusers emulated",
 }
+# /engines/status of the published images (real-peers.md M3; `latest` as the real server here
+# reports it). DEFAULT_BACKEND_STATUS, every engine running, stays the emulator's default.
+IMAGE_BACKEND_STATUS: Final[Mapping[str, Mapping[str, str]]] = {
+    "latest": {
+        "diffusers": "Not Installed",
+        "llama.cpp": "Running: llama.cpp emulated",
+        "mlx": "Not Installed: only supported on Apple Silicon",
+        "sglang": "Not Installed: package not installed",
+        "vllm": "Not Installed: binary not found",
+    },
+    "latest-vllm-cuda": {
+        "diffusers": "Not Installed",
+        "llama.cpp": "Running: llama.cpp emulated",
+        "mlx": "Not Installed: only supported on Apple Silicon",
+        "sglang": "Not Installed: package not installed",
+        "vllm": "Running: vllm emulated",
+    },
+    # Built with -tags=novllm: no vllm entry at all.
+    "latest-sglang-cuda": {
+        "diffusers": "Not Installed",
+        "llama.cpp": "Running: llama.cpp emulated",
+        "mlx": "Not Installed: only supported on Apple Silicon",
+        "sglang": "Running: sglang emulated",
+    },
+}
 _INFERENCE_ROUTES: Final[Mapping[str, str]] = {
     "v1/chat/completions": "completion",
     "v1/completions": "completion",
@@ -313,6 +338,10 @@ class ModelRunnerEmulator:
                 self.loader.runners[key] = runner
             runner.held_until = time.time() + seconds
             runner.last_used = runner.held_until
+
+    def use_image(self, flavour: str) -> None:
+        """Report the backends of a published image flavour (``IMAGE_BACKEND_STATUS``)."""
+        self.backend_status = dict(IMAGE_BACKEND_STATUS[flavour])
 
     def preload_store(self, *refs: str) -> None:
         """Put catalogue models in the store as if pulled earlier (survives restarts)."""

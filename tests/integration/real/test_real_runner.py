@@ -214,3 +214,56 @@ def test_an_ollama_clients_configuration_is_noticed_and_undone(
     assert len(events) == 1
     assert "context-size" in events[0].message and "runtime-flags" in events[0].message
     assert chat(backend, realpeers.GEMMA)["usage"]["completion_tokens"] > 0
+
+
+def test_a_backend_the_real_image_lacks_is_refused_before_configuring(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    real_runners: realpeers.RealRunnerFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    pod = single_runner_pool(api_client, node_simulator, namespace)
+    objects.create(
+        PLURAL, cluster.dmrmodel("gemma-vllm", {"model": realpeers.GEMMA, "backend": "vllm"})
+    )
+    status = objects.wait_phase(PLURAL, "gemma-vllm", "Failed", timeout=60)["status"]
+    ready = {c["type"]: c for c in status["conditions"]}["Ready"]
+    assert ready["reason"] == "BackendUnavailable"
+    # What the real server says about an image without vLLM, quoted in the condition.
+    assert "it reports 'Not Installed: binary not found'" in ready["message"]
+    with real_runners.of(namespace, pod).runner.http(timeout=10) as http:
+        assert http.get("/engines/_configure").json() == []
+
+
+def test_warmup_makes_ready_mean_loaded(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    real_runners: realpeers.RealRunnerFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    pod = single_runner_pool(api_client, node_simulator, namespace)
+    chat_spec = {"model": realpeers.GEMMA, "contextSize": 1024, "warmup": True}
+    embedding_spec = {
+        "model": realpeers.GEMMA_EMBEDDING,
+        "mode": "embedding",
+        "contextSize": 512,
+        "runtimeFlags": ["--pooling", "mean"],
+        "warmup": True,
+    }
+    objects.create(PLURAL, cluster.dmrmodel("gemma", chat_spec))
+    objects.create(PLURAL, cluster.dmrmodel("embed", embedding_spec))
+    for name in ("gemma", "embed"):
+        (runner_status,) = objects.wait_phase(PLURAL, name, "Ready", timeout=120)["status"][
+            "runners"
+        ]
+        assert runner_status["loaded"] is True
+    # Ready came after the loads, which the real server lists (each in its own mode).
+    with real_runners.of(namespace, pod).runner.http(timeout=10) as http:
+        running = {(e["model_name"], e["mode"]) for e in http.get("/engines/ps").json()}
+    assert {("ai/gemma3:270m", "completion"), ("ai/gemma3-embedding:270m", "embedding")} <= running
+    servers = real_runners.of(namespace, pod).runner.llama_servers()
+    assert sorted(s.argument("--ctx-size") for s in servers) == ["1024", "512"]

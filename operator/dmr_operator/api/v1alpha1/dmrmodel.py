@@ -23,7 +23,9 @@ PullPolicy = Literal["IfNotPresent", "Always", "Never"]
 DeletionPolicy = Literal["Unload", "Delete", "Retain"]
 BusyPolicy = Literal["WaitIdle", "Unload"]
 Phase = Literal["Pending", "Pulling", "Configuring", "Ready", "Degraded", "Failed"]
-RunnerState = Literal["Pending", "Queued", "Pulling", "Configuring", "Configured", "Busy", "Failed"]
+RunnerState = Literal[
+    "Pending", "Queued", "Pulling", "Configuring", "Loading", "Configured", "Busy", "Failed"
+]
 
 # A flag element may not contain a path separator (model-runner rejects '/' and '\').
 _NO_PATH_PATTERN = r"^[^/\\]*$"
@@ -192,6 +194,12 @@ class DMRModelSpec(CamelModel):
         description='When a runner answers 409 "runner already active": WaitIdle retries with '
         "backoff; Unload evicts the running model and configures again.",
     )
+    warmup: bool = Field(
+        default=False,
+        description="Ready only once the model is loaded and answering on every runner: after "
+        "configuring, the operator loads it (X-Preload-Only) and confirms it in /engines/ps. "
+        "Off (default): Ready means configured and read back; the first request loads it.",
+    )
 
 
 class RunnerStatus(CamelModel):
@@ -208,6 +216,11 @@ class RunnerStatus(CamelModel):
         default=None, description="When the read-back last matched (RFC 3339)."
     )
     message: str | None = Field(default=None, description="The runner's last error, verbatim.")
+    loaded: bool | None = Field(
+        default=None,
+        description="With spec.warmup: the model was loaded and listed by the runner's "
+        "/engines/ps after this configuration (it may be unloaded later when idle).",
+    )
 
 
 class DMRModelStatus(CamelModel):
