@@ -350,6 +350,36 @@ def test_models_beyond_a_runners_slots_and_gpu_memory_are_flagged(
         )
 
 
+def test_a_gated_model_is_pulled_with_the_token_from_its_secret(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    runner = emulators.of(namespace, pod)
+    spec = {"model": "ai/qwen3:0.6B", "pullTokenSecret": {"name": "hf"}}
+    objects.create(PLURAL, cluster.dmrmodel("gated", spec))
+    # No Secret yet: the pull is not attempted, and the condition names what is missing.
+    failed = objects.wait_phase(PLURAL, "gated", "Failed")["status"]
+    ready = {c["type"]: c for c in failed["conditions"]}["Ready"]
+    assert ready["reason"] == "PullFailed"
+    assert f"spec.pullTokenSecret: Secret {namespace}/hf does not exist" in ready["message"]
+    assert runner.calls("POST", "/models/create") == []
+
+    core: Any = kubernetes.client.CoreV1Api(api_client)
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "hf"}, "stringData": {"token": "hf_abc"}}
+    )
+    objects.wait_phase(PLURAL, "gated", "Ready", timeout=30)  # the retry reads it
+    (pull,) = runner.calls("POST", "/models/create")
+    assert pull.body == {"from": "ai/qwen3:0.6B", "bearer-token": "hf_abc"}
+    status = objects.status(PLURAL, "gated")
+    assert "hf_abc" not in str(status)
+
+
 def test_scaling_the_pool_out_configures_the_new_pods(
     api_client: Any,
     namespace: str,

@@ -84,24 +84,22 @@ def sandboxed_runner(
     real_peers: realpeers.RealPeers,
     tmp_path: Path,
     piece_unavailable: Callable[[str], NoReturn],
-) -> Iterator[Callable[[dict[str, Any]], RunningSpec]]:
+) -> Iterator[Callable[..., RunningSpec]]:
     reason = podsandbox.unavailable()
     if reason:
         piece_unavailable(f"cannot run pod specs here: {reason}")
     started: list[podsandbox.ContainerSandbox] = []
 
-    def start(pod_spec: dict[str, Any]) -> RunningSpec:
+    def start(pod_spec: dict[str, Any], *, registry_env: bool = True) -> RunningSpec:
         port = controlplane.free_port()
+        registry = real_peers.registry.runner_environment() if registry_env else {}
         sandbox = podsandbox.ContainerSandbox(
             pod_spec=pod_spec,
             container="model-runner",
             image=realpeers.model_runner_image(real_peers),
             root=tmp_path / f"pod-{len(started)}",
             # The host's network is shared: the one change to the spec is its port.
-            env_overrides={
-                "MODEL_RUNNER_PORT": str(port),
-                **real_peers.registry.runner_environment(),
-            },
+            env_overrides={"MODEL_RUNNER_PORT": str(port), **registry},
         ).start()
         started.append(sandbox)
         url = f"http://127.0.0.1:{port}"
@@ -150,7 +148,7 @@ def load_and_complete(url: str) -> httpx.Response:
     ids=["chart-pool", "example-pool", "sidecar"],
 )
 def test_the_shipped_runner_spec_loads_and_serves_a_model(
-    sandboxed_runner: Callable[[dict[str, Any]], RunningSpec],
+    sandboxed_runner: Callable[..., RunningSpec],
     render: Callable[[], dict[str, Any]],
 ) -> None:
     running = sandboxed_runner(render())
@@ -168,10 +166,32 @@ def test_the_shipped_runner_spec_loads_and_serves_a_model(
 
 
 def test_the_previous_chart_spec_could_not_load_a_model(
-    sandboxed_runner: Callable[[dict[str, Any]], RunningSpec],
+    sandboxed_runner: Callable[..., RunningSpec],
 ) -> None:
     running = sandboxed_runner(previous_chart_pool_pod_spec())
     answer = load_and_complete(running.url)
     # llama-server cannot create its socket in /app, which only the image's user may write.
     assert answer.status_code >= 500, answer.text
     assert "couldn't bind HTTP server socket" in running.sandbox.log_path.read_text()
+
+
+def test_the_charts_registry_settings_reach_the_real_server(
+    sandboxed_runner: Callable[..., RunningSpec], real_peers: realpeers.RealPeers
+) -> None:
+    """runnerPools[].registry: the loopback registry as the default, plain HTTP. The spec
+    alone (no variables added by the test) must make the real server pull from it."""
+    rendered = helm.render_chart(
+        CHART,
+        values={
+            "runnerPools": [
+                {
+                    "name": "default",
+                    "registry": {"default": real_peers.registry.address, "insecure": True},
+                }
+            ]
+        },
+    )
+    (pool,) = [o for o in rendered if o["kind"] == "StatefulSet"]
+    running = sandboxed_runner(pool["spec"]["template"]["spec"], registry_env=False)
+    answer = load_and_complete(running.url)
+    assert answer.status_code == 200, f"{answer.text}\n{running.sandbox.log_tail()}"

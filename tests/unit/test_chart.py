@@ -289,15 +289,20 @@ def test_rbac_is_least_privilege(values: dict[str, Any]) -> None:
     for role in find(render(values), "ClusterRole") + find(render(values), "Role"):
         for group, resource, verb in rules_of(role):
             assert "*" not in (group, resource, verb)
-            assert resource not in ("secrets", "pods/exec", "serviceaccounts/token")
+            assert resource not in ("pods/exec", "serviceaccounts/token")
+            # Secrets: only get by name (spec.pullTokenSecret), never list or watch.
+            assert resource != "secrets" or verb == "get"
             assert verb not in ("escalate", "bind", "impersonate", "deletecollection")
             # Nodes: only get, by name, for the capacity of the runners' nodes.
             assert resource != "nodes" or (verb == "get" and role["kind"] == "ClusterRole")
 
 
-def test_node_reads_can_be_turned_off() -> None:
+def test_node_and_secret_reads_can_be_turned_off() -> None:
     cluster_role = only(render({"rbac": {"readNodes": False}}), "ClusterRole")
     assert not any(resource == "nodes" for _, resource, _ in rules_of(cluster_role))
+    assert ("", "secrets", "get") in rules_of(only(render({}), "ClusterRole"))
+    cluster_role = only(render({"rbac": {"readPullSecrets": False}}), "ClusterRole")
+    assert not any(resource == "secrets" for _, resource, _ in rules_of(cluster_role))
 
 
 def test_lease_rights_only_for_the_lease_in_the_release_namespace() -> None:
@@ -555,3 +560,33 @@ def test_install_order_puts_prerequisites_first() -> None:
     last_crd = max(i for i, kind in enumerate(kinds) if kind == "CustomResourceDefinition")
     assert last_crd < kinds.index("ClusterRole") < kinds.index("RoleBinding")
     assert kinds.index("Service") < kinds.index("StatefulSet")
+
+
+def test_pool_registry_settings_become_model_runners_variables_and_credentials() -> None:
+    registry = {
+        "default": "mirror.internal:5000",
+        "insecure": True,
+        "mirrors": ["https://m1.example", "https://m2.example"],
+        "credentialsSecret": "registry-creds",
+    }
+    statefulset, _ = pool_objects(
+        render({"runnerPools": [{"name": "p", "registry": registry}]}), "p"
+    )
+    container = runner_container(statefulset)
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["DEFAULT_REGISTRY"] == "mirror.internal:5000"
+    assert env["INSECURE_REGISTRY"] == "true"
+    assert env["MODEL_RUNNER_REGISTRY_MIRRORS"] == "https://m1.example,https://m2.example"
+    # Where model-runner's keychain looks: $HOME/.docker/config.json.
+    assert {
+        "name": "registry-credentials",
+        "mountPath": "/home/modelrunner/.docker",
+        "readOnly": True,
+    } in container["volumeMounts"]
+    volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["registry-credentials"]["secret"] == {
+        "secretName": "registry-creds",
+        "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
+    }
+    plain = runner_container(pool_objects(render({"runnerPools": [{"name": "p"}]}), "p")[0])
+    assert not {"DEFAULT_REGISTRY", "INSECURE_REGISTRY"} & {e["name"] for e in plain["env"]}

@@ -40,6 +40,7 @@ _RESOURCES: Mapping[tuple[str, str], str] = {
     ("v1", "Service"): "/api/v1/namespaces/{ns}/services",
     ("v1", "Pod"): "/api/v1/namespaces/{ns}/pods",
     ("v1", "Node"): "/api/v1/nodes",
+    ("v1", "Secret"): "/api/v1/namespaces/{ns}/secrets",
     ("v1", "Event"): "/api/v1/namespaces/{ns}/events",
     ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{ns}/deployments",
     ("apps/v1", "StatefulSet"): "/apis/apps/v1/namespaces/{ns}/statefulsets",

@@ -12,6 +12,7 @@ Results land in ``Placement``s; ``StatusWriter`` turns them into DMRModel status
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import logging
@@ -702,6 +703,29 @@ class RunnerWorker:
             self._fail(target, Reason.CONFIG_REJECTED, f"{error} (retry in {delay:.0f}s)")
         return False
 
+    async def _pull_token(self, target: ModelTarget) -> str | None:
+        """The bearer token ``spec.pullTokenSecret`` names, read now (a rotated token is used
+        at the next pull); PullFailed naming the Secret when it cannot be had."""
+        assert target.spec is not None
+        ref = target.spec.pull_token_secret
+        if ref is None:
+            return None
+        where = f"spec.pullTokenSecret: Secret {target.namespace}/{ref.name}"
+        try:
+            secret = await self.controller.kube.get(
+                api_version="v1", kind="Secret", namespace=target.namespace, name=ref.name
+            )
+        except kube_client.KubeError as error:
+            raise modelrunner.PullFailed(f"{where} cannot be read: {error}") from None
+        encoded = ((secret or {}).get("data") or {}).get(ref.key)
+        if secret is None or not encoded:
+            missing = "does not exist" if secret is None else f"has no key {ref.key!r}"
+            raise modelrunner.PullFailed(f"{where} {missing}")
+        try:
+            return base64.b64decode(encoded).decode().strip()
+        except (ValueError, UnicodeDecodeError):
+            raise modelrunner.PullFailed(f"{where}: key {ref.key!r} is not text") from None
+
     async def _update_capacity(self, targets: list[ModelTarget]) -> None:
         """Say on each model of this runner whether the runner can hold them all (its node is
         read once per incarnation; sizes come from the runner's own store)."""
@@ -835,7 +859,8 @@ class RunnerWorker:
                 placement.pulled_percent = rounded
                 self.controller.status.mark(target.key)
 
-        result = await client.pull(reference, on_progress=progress)
+        token = await self._pull_token(target)
+        result = await client.pull(reference, on_progress=progress, bearer_token=token)
         stored = await client.get_model(reference)
         if stored is None:
             raise modelrunner.PullFailed(f"{reference} is not in the store after a pull")

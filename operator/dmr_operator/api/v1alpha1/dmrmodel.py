@@ -94,6 +94,24 @@ class LabelSelector(CamelModel):
     )
 
 
+class SecretKeyRef(CamelModel):
+    """A key of a Secret in the DMRModel's own namespace."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="The Secret's name.",
+    )
+    key: str = Field(
+        default="token",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="The key whose value is used.",
+    )
+
+
 class Runners(CamelModel):
     """Where the model lives: model-runner pods of this namespace, or one external runner."""
 
@@ -193,6 +211,11 @@ class DMRModelSpec(CamelModel):
         default="WaitIdle",
         description='When a runner answers 409 "runner already active": WaitIdle retries with '
         "backoff; Unload evicts the running model and configures again.",
+    )
+    pull_token_secret: SecretKeyRef | None = Field(
+        default=None,
+        description="A Secret key whose value is sent as the pull's bearer token (gated or "
+        "private Hugging Face models, private registries). Read at each pull, never stored.",
     )
     warmup: bool = Field(
         default=False,
