@@ -25,6 +25,7 @@ from dmr_operator.testing.emulator import ModelRunnerEmulator
 
 DMR_URL = os.environ.get("DMR_URL", "")
 EMULATED_REGISTRY = "127.0.0.1:5000"
+RUNNER_SLOTS = min(os.cpu_count() or 1, 8)
 
 
 @dataclasses.dataclass
@@ -52,6 +53,8 @@ async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         emulator = ModelRunnerEmulator()
         # As the real target's runner: names without a registry resolve to one on loopback.
         default_registry = emulator.store.default_registry = EMULATED_REGISTRY
+        # model-runner has min(NumCPU, 8) runner slots: the same machine, the same number.
+        emulator.runner_slots = RUNNER_SLOTS
         await emulator.start("127.0.0.1", 0)
         url = emulator.url
     elif DMR_URL:

@@ -6,9 +6,10 @@ import pytest
 
 from dmr_operator.clients import modelrunner
 from dmr_operator.dmr import wire
+from dmr_operator.testing import realpeers
 from dmr_operator.testing.waiting import wait_for_async
 
-from .conftest import Target
+from .conftest import RUNNER_SLOTS, Target
 
 
 async def test_liveness_and_status(target: Target) -> None:
@@ -147,3 +148,23 @@ async def test_an_ollama_client_replaces_the_stored_configuration(target: Target
     assert entry.config.context_size == 768
     assert entry.config.keep_alive == "5m0s"
     assert entry.config.runtime_flags is None
+
+
+async def test_past_its_runner_slots_every_idle_model_is_evicted(
+    target: Target,
+) -> None:
+    # min(NumCPU, 8) slots; the registry serves three names of the same model (two modes).
+    loads = [
+        (realpeers.GEMMA, "completion"),
+        (realpeers.GEMMA_DRAFT, "completion"),
+        (realpeers.GEMMA_EMBEDDING, "embedding"),
+    ]
+    if len(loads) <= RUNNER_SLOTS or (target.emulator is None and target.runner is None):
+        pytest.skip(f"{RUNNER_SLOTS} runner slots here: three models cannot overflow them")
+    for model, _ in loads:
+        await target.client.pull(model)
+    for model, mode in loads[: RUNNER_SLOTS + 1]:
+        await target.client.preload(model, mode=mode)
+    running = {(r.model_name, r.mode) for r in await target.client.ps()}
+    # keep_alive does not matter: a slot is needed, so every idle runner goes, not just one.
+    assert running == {loads[RUNNER_SLOTS]}

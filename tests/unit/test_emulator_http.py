@@ -446,3 +446,41 @@ async def test_request_log(emulator: ModelRunnerEmulator, http: httpx.AsyncClien
     await http.post("/engines/llama.cpp/_configure", json={"model": "m"}, headers={"X-A": "1"})
     (call,) = emulator.calls("POST", "/engines/llama.cpp/_configure")
     assert call.body == {"model": "m"} and call.status == 202 and call.headers["X-A"] == "1"
+
+
+async def test_backends_say_not_installed_until_their_install_check_ran(
+    emulator: ModelRunnerEmulator, http: httpx.AsyncClient
+) -> None:
+    await emulator.stop()
+    emulator.install_delay = 0.3  # the real server: about 0.2 s after start
+    await emulator.start(emulator.host or "127.0.0.1", emulator.port or 0)
+    early = (await http.get("/engines/status")).json()
+    assert set(early.values()) == {"Not Installed"}
+    await eventually(
+        lambda: _llama_running(http),
+        within=2,
+    )
+
+
+async def _llama_running(http: httpx.AsyncClient) -> bool:
+    status = (await http.get("/engines/status")).json()
+    return str(status["llama.cpp"]).startswith("Running")
+
+
+async def test_a_background_preload_past_its_limit_is_given_up(
+    emulator: ModelRunnerEmulator, http: httpx.AsyncClient
+) -> None:
+    await pull(http, "ai/smollm2")
+    emulator.load_delay, emulator.preload_timeout = 0.5, 0.1
+    configured = await http.post("/engines/_configure", json={"model": "ai/smollm2"})
+    assert configured.status_code == 202
+    await asyncio.sleep(0.3)
+    assert (await http.get("/engines/ps")).json() == []  # terminated, not loaded
+    emulator.preload_timeout = 60.0
+    assert (await http.post("/engines/_configure", json={"model": "ai/smollm2"})).status_code == 202
+    await eventually(lambda: _listed(http, "ai/smollm2"), within=3)
+
+
+async def _listed(http: httpx.AsyncClient, model: str) -> bool:
+    running = (await http.get("/engines/ps")).json()
+    return any(r["model_name"] == model and not r.get("loading") for r in running)

@@ -68,7 +68,8 @@ def over_capacity(
         problems.append(
             f"{len(model_sizes)} models are assigned to runner {runner}, which has "
             f"{capacity.slots} runner slots (min(cores, {MAX_SLOTS})): beyond that model-runner "
-            "evicts idle models (even keepAlive -1) or makes requests wait"
+            "evicts every idle model at once (even keepAlive -1) to load another, or makes "
+            "requests wait"
         )
     known = [size for size in model_sizes if size is not None]
     if capacity.gpu_memory is not None and sum(known) > capacity.gpu_memory:

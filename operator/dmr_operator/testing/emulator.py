@@ -222,6 +222,14 @@ class ModelRunnerEmulator:
         self.pulls_in_flight = 0
         self.max_pulls_in_flight = 0
         self.ollama_replaces_config = True
+        # Runner slots: min(NumCPU, 8) in model-runner; past them the LRU idle runner is evicted.
+        self.runner_slots = 8
+        # model-runner gives up the background preload after _configure after a minute.
+        self.preload_timeout = 60.0
+        # After a start, every backend reports a bare "Not Installed" until its install check
+        # has run (the real server: about 0.2 s). 0: answers are settled at once.
+        self.install_delay = 0.0
+        self._started_at = 0.0
 
     # --- lifecycle (PodProcess protocol) ---------------------------------------------------------
 
@@ -247,6 +255,7 @@ class ModelRunnerEmulator:
         self.port = port
         await self.start_listening()
         self.starts += 1
+        self._started_at = time.monotonic()
         self._spawn(self._expire_idle_runners())
 
     async def stop(self) -> None:
@@ -451,7 +460,7 @@ class ModelRunnerEmulator:
     ) -> web.StreamResponse:
         method = request.method
         literal: dict[tuple[str, str], Callable[[], web.StreamResponse]] = {
-            ("GET", "status"): lambda: json_response(dict(self.backend_status)),
+            ("GET", "status"): self._backend_statuses,
             ("GET", "ps"): self._ps,
             ("GET", "df"): lambda: json_response(
                 {"models_disk_usage": self.store.disk_usage(), "default_backend_disk_usage": 0}
@@ -713,10 +722,27 @@ class ModelRunnerEmulator:
         return web.Response(status=202)
 
     async def _preload(self, backend: str, model: str) -> None:
-        """model-runner's background preload after ``_configure`` (always completion mode)."""
-        with contextlib.suppress(_InferenceError):
-            runner = await self._acquire_runner(backend, model, "completion")
-            self._release(runner)
+        """model-runner's background preload after ``_configure`` (always completion mode),
+        given up after ``preload_timeout``: a runner still loading then is terminated."""
+        try:
+            runner = await asyncio.wait_for(
+                self._acquire_runner(backend, model, "completion"),
+                timeout=self.preload_timeout * self.time_scale,
+            )
+        except TimeoutError:
+            with self._lock:
+                for key, loading in list(self.loader.runners.items()):
+                    if loading.loading and loading.model_ref == model:
+                        del self.loader.runners[key]
+            return
+        except _InferenceError:
+            return
+        self._release(runner)
+
+    def _backend_statuses(self) -> web.Response:
+        if time.monotonic() - self._started_at < self.install_delay:
+            return json_response(dict.fromkeys(self.backend_status, "Not Installed"))
+        return json_response(dict(self.backend_status))
 
     # --- the Ollama API -----------------------------------------------------------------------
 
@@ -782,10 +808,17 @@ class ModelRunnerEmulator:
             self._check_engine_start(backend, config)
             key = self._runner_key(backend, local.digest, mode)
             runner = self.loader.runners.get(key)
-            created = runner is None
-            if runner is None:
-                runner = Runner(key=key, model_ref=model, loading=True)
-                self.loader.runners[key] = runner
+        created = False
+        while runner is None:
+            with self._lock:
+                runner = self.loader.runners.get(key)
+                if runner is None and self.loader.evict_for_a_new_runner(self.runner_slots):
+                    runner = Runner(key=key, model_ref=model, loading=True)
+                    self.loader.runners[key] = runner
+                    created = True
+            if runner is None:  # every slot busy: the request waits, as in model-runner
+                await asyncio.sleep(0.05)
+        with self._lock:
             runner.references += 1
         if created:
             if self.load_delay:

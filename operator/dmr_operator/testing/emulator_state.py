@@ -82,12 +82,12 @@ _DEFAULT_MODELS: Final = (
     ),
     _entry("ai/qwen3:14B", size=512 * 2**20, parameters="14.8B", architecture="qwen3", layers=2),
     _entry("ai/qwen3:0.6B", size=64 * 2**20, parameters="0.6B", architecture="qwen3"),
-    # The real tier's model (dmr_operator.testing.realpeers): Gemma 3 270M Q4_K_M, one artifact
-    # under three names, with the metadata the real runner reports for it.
+    # The real tier's model (dmr_operator.testing.realpeers): Gemma 3 270M Q4_K_M under three
+    # names, three models (IDs) as the loopback registry serves them, with the metadata the real
+    # runner reports for it.
     *(
         _entry(
             name,
-            digest_seed="gemma-3-270m-q4_k_m.gguf",
             size=253_113_024,
             parameters="268.10M",
             quantization="MOSTLY_Q4_K_M",
@@ -408,6 +408,15 @@ class Loader:
                 and runner.mode == mode
             ):
                 del self.runners[key]
+
+    def evict_for_a_new_runner(self, slots: int) -> bool:
+        """model-runner's loader with every slot taken (``evict(false)``): every unused runner
+        goes at once, whatever its keep_alive (even -1), seen on the real server. False when
+        all are busy (the request waits)."""
+        if len(self.runners) < slots:
+            return True
+        self.evict_all_unused()
+        return len(self.runners) < slots
 
     def evict_all_unused(self) -> None:
         now = time.time()

@@ -49,8 +49,8 @@ MODEL_RUNNER_BUILD = gobuild.GoBuild(
     env={"GOTOOLCHAIN": "go1.27.3"},
     about="(about 1-2 minutes on 2 cores the first time)",
 )
-# Names the loopback registry serves, all the same real Gemma 3 270M GGUF (one blob): a chat
-# model, a draft for speculative decoding and one for embeddings, so tests never share a name.
+# Names the loopback registry serves, all the same real Gemma 3 270M GGUF (one blob), each its
+# own model (own ID): a chat model, a draft for speculative decoding and one for embeddings.
 GEMMA = "ai/gemma3:270m"
 GEMMA_DRAFT = "ai/gemma3-draft:270m"
 GEMMA_EMBEDDING = "ai/gemma3-embedding:270m"

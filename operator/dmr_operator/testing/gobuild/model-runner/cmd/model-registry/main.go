@@ -4,6 +4,7 @@
 // it pulls from Docker Hub, with DEFAULT_REGISTRY and INSECURE_REGISTRY=true pointing at us.
 //
 // Usage: model-registry -listen 127.0.0.1:0 -model ai/gemma3:270m=/path/model.gguf [-model ...]
+// Each -model is its own model (its own ID), even when two name the same file.
 // Prints "published <name> <bytes>" per model, then "listening <host:port>" once it serves.
 package main
 
@@ -53,13 +54,15 @@ func main() {
 	address := listener.Addr().String()
 
 	client := registry.NewClient(registry.WithPlainHTTP(true))
-	for _, model := range models {
+	for index, model := range models {
 		name, path, ok := strings.Cut(model, "=")
 		if !ok {
 			fail("-model %q: want name:tag=path", model)
 		}
-		// A fixed creation time keeps the digest the same on every run for the same file.
-		artifact, err := builder.FromPath(path, builder.WithCreated(time.Unix(0, 0).UTC()))
+		// A creation time fixed by position keeps each digest the same on every run, and makes
+		// the same file under two names two models (two IDs, one shared GGUF layer).
+		created := time.Unix(int64(index), 0).UTC()
+		artifact, err := builder.FromPath(path, builder.WithCreated(created))
 		if err != nil {
 			fail("package %s: %v", path, err)
 		}
