@@ -28,6 +28,7 @@ import kopf
 from dmr_operator import __version__, constants, metrics
 from dmr_operator.clients import kube as kube_client
 from dmr_operator.controllers import agents, dmrmodels, leadership
+from dmr_operator.reconcile import compatibility
 from dmr_operator.reconcile import leadership as leadership_rules
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,9 @@ async def serve(args: argparse.Namespace, timings: leadership_rules.LeaseTimings
     """
     memo = kopf.Memo()
     namespaces = list(args.namespace)
+    if problem := await _cluster_problem():
+        logger.error("refusing to start: %s", problem)
+        return 1
 
     async def operator() -> None:
         await kopf.operator(
@@ -203,6 +207,18 @@ async def serve(args: argparse.Namespace, timings: leadership_rules.LeaseTimings
         return 1
     finally:
         await kube.close()
+
+
+async def _cluster_problem() -> str | None:
+    """Why this cluster cannot be served (too old), asked before any watch or runner call."""
+    kube = kube_client.KubeClient(kube_credentials)
+    try:
+        info = await kube.request("GET", "/version")
+    except kube_client.KubeError as error:
+        return f"GET /version failed: {error}"
+    finally:
+        await kube.close()
+    return compatibility.version_problem(info or {})
 
 
 async def _halt(memo: Any) -> None:
