@@ -502,3 +502,50 @@ def test_sidecar_model_store_claims_go_with_their_agent_unless_kept(
         assert owners() == []
     else:
         wait_for(lambda: names() == [], timeout=60, message=f"{claim} deleted with the Agent")
+
+
+def test_sidecar_runner_is_a_native_sidecar_restarted_and_reconfigured_on_its_own(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+    core: Any,
+    emulators: Emulators,
+) -> None:
+    cpu_nodes(node_simulator, namespace)
+    objects.create(DMRMODELS, cluster.dmrmodel("small", {"model": "ai/qwen3:0.6B"}))
+    objects.create(AGENTS, agent("helper", one_agent_config("small"), runner={"mode": "Sidecar"}))
+
+    def ready_pod() -> Any:
+        pods = agent_pods(core, namespace, "helper")
+        ready = [
+            p
+            for p in pods
+            if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        ]
+        return ready[0] if ready else None
+
+    pod = wait_for(ready_pod, timeout=60, message="the Sidecar agent pod Ready")
+    # Admitted by the real 1.37 apiserver (restricted Pod Security) as an init container that
+    # keeps running; the kubelet (simulated) reports it among the init containers.
+    (sidecar,) = pod.spec.init_containers
+    assert (sidecar.name, sidecar.restart_policy) == (constants.RUNNER_CONTAINER, "Always")
+    assert [c.name for c in pod.spec.containers] == ["docker-agent"]
+    (sidecar_status,) = pod.status.init_container_statuses
+    assert sidecar_status.ready and sidecar_status.state.running is not None
+    runner = emulators.of(namespace, pod.metadata.name)
+    assert len(runner.calls("POST", CONFIGURE_LLAMA)) == 1
+
+    # The sidecar crashes alone: it restarts (restartCount on its init status) and the
+    # operator configures the new process, docker-agent untouched.
+    assert node_simulator.crash(namespace, pod.metadata.name, constants.RUNNER_CONTAINER) == 1
+    wait_for(
+        lambda: len(runner.calls("POST", CONFIGURE_LLAMA)) == 2,
+        timeout=15,
+        message="the restarted sidecar configured again",
+    )
+    pod = core.read_namespaced_pod(pod.metadata.name, namespace)
+    assert pod.status.init_container_statuses[0].restart_count == 1
+    assert pod.status.container_statuses[0].restart_count == 0
+    assert_restricted(core, namespace, "helper")

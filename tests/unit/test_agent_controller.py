@@ -168,7 +168,7 @@ def test_sidecar_agent_names_its_models_and_applies_gpu_quantities_as_strings() 
     assert result.workload_kind == "StatefulSet"
     assert result.endpoints == frozenset()
     workload = result.children[1]
-    runner = workload["spec"]["template"]["spec"]["containers"][1]
+    (runner,) = workload["spec"]["template"]["spec"]["initContainers"]
     assert runner["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert runner["resources"]["requests"]["nvidia.com/gpu"] == "2"
 

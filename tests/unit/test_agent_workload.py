@@ -34,7 +34,8 @@ def workload(spec: agent_api.AgentSpec, *, models_ready: bool = True) -> dict[st
 
 
 def container(manifest: dict[str, Any], name: str) -> dict[str, Any]:
-    containers = manifest["spec"]["template"]["spec"]["containers"]
+    pod = manifest["spec"]["template"]["spec"]
+    containers = [*pod["containers"], *pod.get("initContainers", [])]
     return next(c for c in containers if c["name"] == name)
 
 
@@ -145,7 +146,11 @@ def test_sidecar_gets_gpus_readiness_gate_and_private_pool() -> None:
     assert manifest["spec"]["replicas"] == 3  # gated per pod, not scaled from zero
     pod = manifest["spec"]["template"]["spec"]
     assert pod["readinessGates"] == [{"conditionType": "dmr.dev/models-configured"}]
-    runner = container(manifest, constants.RUNNER_CONTAINER)
+    # A native sidecar: an init container that keeps running, started before docker-agent.
+    assert [c["name"] for c in pod["containers"]] == ["docker-agent"]
+    (runner,) = pod["initContainers"]
+    assert runner["name"] == constants.RUNNER_CONTAINER
+    assert runner["restartPolicy"] == "Always"
     assert runner["image"] == "docker/model-runner:latest-cuda"
     assert runner["ports"] == [{"name": "dmr", "containerPort": 12434, "protocol": "TCP"}]
     assert runner["resources"] == {

@@ -50,6 +50,32 @@ def test_runner_not_ready_without_ip_or_when_terminating() -> None:
     assert not runners.runner_from_pod(unready).ready
 
 
+def test_a_native_sidecar_runner_is_found_with_its_restarts() -> None:
+    sidecar_pod = pod(
+        containerStatuses=[{"name": "docker-agent", "ready": True, "restartCount": 0}],
+        initContainerStatuses=[{"name": "model-runner", "ready": True, "restartCount": 3}],
+    )
+    sidecar_pod["spec"] = {
+        "nodeName": "gpu-1",
+        "containers": [
+            {"name": "docker-agent", "ports": [{"name": "http", "containerPort": 8080}]}
+        ],
+        "initContainers": [
+            {
+                "name": "model-runner",
+                "restartPolicy": "Always",
+                "image": "docker/model-runner:latest-cuda",
+                "ports": [{"name": "dmr", "containerPort": 12434}],
+                "resources": {"limits": {"nvidia.com/gpu": "2"}},
+            }
+        ],
+    }
+    runner = runners.runner_from_pod(sidecar_pod)
+    assert runner.base_url == "http://127.0.1.7:12434"
+    assert runner.ready and runner.incarnation == ("u1", "127.0.1.7", "3")
+    assert (runner.image, runner.gpus) == ("docker/model-runner:latest-cuda", 2)
+
+
 def test_pool_endpoint_is_the_v1_alias_of_the_matching_service() -> None:
     services = [
         {

@@ -278,7 +278,8 @@ def _quantities_as_strings(workload: dict[str, Any]) -> None:
     Users write ``cpu: 1`` in an Agent's resources; a strategic merge patch would take it,
     server-side apply answers 500 "expected string".
     """
-    for container in workload["spec"]["template"]["spec"]["containers"]:
+    pod = workload["spec"]["template"]["spec"]
+    for container in [*pod["containers"], *pod.get("initContainers", [])]:
         for section in (container.get("resources") or {}).values():
             if isinstance(section, dict):
                 for name, value in section.items():

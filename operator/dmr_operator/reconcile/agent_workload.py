@@ -13,8 +13,10 @@ Choices, and why:
   them and the docker-agent container's root filesystem can be read-only.
 - Pool mode: the workload stays at 0 replicas until every model is Ready, so docker-agent never
   serves (or fails its first session) against a model that is still being pulled.
-- Sidecar mode: each pod gets a model-runner container; the operator configures the agent's
-  models on it and then sets the pod condition ``dmr.dev/models-configured``, a readiness gate,
+- Sidecar mode: each pod gets a model-runner native sidecar (an init container with
+  ``restartPolicy: Always``: it starts before docker-agent, restarts on its own and does not hold
+  up termination); the operator configures the agent's models on it and then sets the pod
+  condition ``dmr.dev/models-configured``, a readiness gate,
   so the pod joins the Service only once its own runner is configured. model-runner creates its
   runner sockets in its working directory (``/app`` in the image, not writable by another UID),
   so the sidecar's workingDir is a writable emptyDir; binaries are found through absolute paths.
@@ -202,7 +204,9 @@ def render_workload(
         "volumes": _volumes(agent, spec, kind),
     }
     if sidecar:
-        pod_spec["containers"].append(_runner_container(spec.runner))
+        # A native sidecar (1.29+): started before docker-agent, restarted on its own, and no
+        # obstacle to the pod's termination; its readiness still counts for the pod's.
+        pod_spec["initContainers"] = [_runner_container(spec.runner) | {"restartPolicy": "Always"}]
         pod_spec["readinessGates"] = [{"conditionType": MODELS_CONFIGURED_CONDITION}]
     optional = {
         "nodeSelector": spec.node_selector or None,

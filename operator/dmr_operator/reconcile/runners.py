@@ -48,12 +48,13 @@ def runner_from_pod(pod: Mapping[str, Any]) -> Runner:
     spec = pod.get("spec") or {}
     status = pod.get("status") or {}
     container, port = _runner_container(spec)
-    runner_container = next(
-        (c for c in spec.get("containers") or () if c.get("name") == container), None
-    )
-    container_status = next(
-        (s for s in status.get("containerStatuses") or () if s.get("name") == container), None
-    )
+    runner_container = next((c for c in _all_containers(spec) if c.get("name") == container), None)
+    # A Sidecar-mode runner is a native sidecar: its status is among the init containers'.
+    statuses = [
+        *(status.get("containerStatuses") or ()),
+        *(status.get("initContainerStatuses") or ()),
+    ]
+    container_status = next((s for s in statuses if s.get("name") == container), None)
     ip = status.get("podIP")
     terminating = metadata.get("deletionTimestamp") is not None
     if container_status is not None:
@@ -98,7 +99,7 @@ def external_runner(url: str, namespace: str) -> Runner:
 
 def _runner_container(spec: Mapping[str, Any]) -> tuple[str | None, int]:
     """The model-runner container and its port: the port named ``dmr``, else 12434."""
-    containers = list(spec.get("containers") or ())
+    containers = _all_containers(spec)
     for container in containers:
         for port in container.get("ports") or ():
             if port.get("name") == constants.RUNNER_PORT_NAME:
@@ -106,6 +107,12 @@ def _runner_container(spec: Mapping[str, Any]) -> tuple[str | None, int]:
     by_name = next((c for c in containers if c.get("name") == constants.RUNNER_CONTAINER), None)
     chosen = by_name or (containers[0] if containers else None)
     return (chosen.get("name") if chosen else None), constants.RUNNER_PORT
+
+
+def _all_containers(spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The pod's containers and its native sidecars (init containers that keep running)."""
+    sidecars = [c for c in spec.get("initContainers") or () if c.get("restartPolicy") == "Always"]
+    return [*(spec.get("containers") or ()), *sidecars]
 
 
 def _gpu_count(container: Mapping[str, Any] | None) -> int:

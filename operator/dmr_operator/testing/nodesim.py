@@ -104,13 +104,20 @@ def pod_port(pod: dict[str, Any]) -> int:
     """
     ports = [
         port
-        for container in pod.get("spec", {}).get("containers", [])
+        for container in _running_containers(pod.get("spec", {}))
         for port in container.get("ports") or []
     ]
     if constants.POOL_LABEL in (pod.get("metadata", {}).get("labels") or {}):
         named = [p["containerPort"] for p in ports if p.get("name") == constants.RUNNER_PORT_NAME]
         return int(named[0]) if named else constants.RUNNER_PORT
     return int(ports[0]["containerPort"]) if ports else DEFAULT_POD_PORT
+
+
+def _running_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The containers that keep running: the app containers, then the native sidecars (init
+    containers with ``restartPolicy: Always``)."""
+    sidecars = [c for c in spec.get("initContainers") or [] if c.get("restartPolicy") == "Always"]
+    return [*spec.get("containers", []), *sidecars]
 
 
 @dataclass
@@ -164,6 +171,18 @@ def _container_status(
     return status
 
 
+def _waiting_status(container: dict[str, Any], reason: str) -> dict[str, Any]:
+    return {
+        "name": container["name"],
+        "image": container.get("image", ""),
+        "imageID": "",
+        "ready": False,
+        "started": False,
+        "restartCount": 0,
+        "state": {"waiting": {"reason": reason}},
+    }
+
+
 def desired_pod_status(
     pod: dict[str, Any], simulated: _SimulatedPod, *, host_ip: str
 ) -> dict[str, Any]:
@@ -173,6 +192,7 @@ def desired_pod_status(
     gates = [gate["conditionType"] for gate in spec.get("readinessGates") or []]
     gates_pass = all(existing.get(gate, {}).get("status") == "True" for gate in gates)
     containers_ready = simulated.running
+    has_sidecars = any(c.get("restartPolicy") == "Always" for c in spec.get("initContainers") or [])
     desired: dict[str, Any] = {
         "phase": "Running",
         "hostIP": host_ip,
@@ -181,6 +201,9 @@ def desired_pod_status(
         "startTime": simulated.started_at,
         "containerStatuses": [
             _container_status(simulated, container, ready=containers_ready)
+            if simulated.running or not has_sidecars
+            # The kubelet starts app containers only after the native sidecars have started.
+            else _waiting_status(container, "PodInitializing")
             for container in spec.get("containers", [])
         ],
         "conditions": [
@@ -191,8 +214,12 @@ def desired_pod_status(
         ],
     }
     if spec.get("initContainers"):
+        # Native sidecars run (and count for readiness) like app containers; the others ran
+        # to completion before anything else started.
         desired["initContainerStatuses"] = [
-            {
+            _container_status(simulated, init, ready=containers_ready)
+            if init.get("restartPolicy") == "Always"
+            else {
                 "name": init["name"],
                 "image": init.get("image", ""),
                 "imageID": "",
@@ -213,7 +240,10 @@ def _status_summary(status: dict[str, Any]) -> tuple[Any, ...]:
         status.get("hostIP"),
         tuple(
             (c.get("name"), c.get("ready"), c.get("restartCount"))
-            for c in status.get("containerStatuses") or []
+            for c in [
+                *(status.get("containerStatuses") or []),
+                *(status.get("initContainerStatuses") or []),
+            ]
         ),
         tuple(
             sorted(
@@ -541,7 +571,7 @@ class NodeSimulator:
     def _admit(self, pod: dict[str, Any], *, node: str) -> _SimulatedPod:
         metadata = pod["metadata"]
         now = _now()
-        containers = [c["name"] for c in pod.get("spec", {}).get("containers", [])]
+        containers = [c["name"] for c in _running_containers(pod.get("spec", {}))]
         simulated = _SimulatedPod(
             namespace=metadata["namespace"],
             name=metadata["name"],

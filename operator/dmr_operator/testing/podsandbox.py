@@ -80,7 +80,8 @@ class ContainerSandbox:
         env_overrides: Mapping[str, str] | None = None,
     ) -> None:
         self.pod_spec = pod_spec
-        found = [c for c in pod_spec.get("containers", []) if c.get("name") == container]
+        containers = [*pod_spec.get("containers", []), *pod_spec.get("initContainers", [])]
+        found = [c for c in containers if c.get("name") == container]
         if not found:
             raise LookupError(f"the pod spec has no container {container!r}")
         self.container: Mapping[str, Any] = found[0]
