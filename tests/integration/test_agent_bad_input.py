@@ -18,6 +18,12 @@ GOOD = {"agents": {"root": {"model": "auto", "instruction": "help"}}}
 CASES: list[tuple[str, Any, str, str]] = [
     ("replicas-negative", {"config": GOOD, "replicas": -1}, "admission", "spec.replicas"),
     ("mode-unknown", {"config": GOOD, "runner": {"mode": "Both"}}, "admission", "spec.runner.mode"),
+    (
+        "pool-with-gpus",
+        {"config": GOOD, "runner": {"mode": "Pool", "gpus": {"count": 1}}},
+        "admission",
+        "gpus, resources and storage.size are for the sidecar model-runner",
+    ),
     ("config-string", {"config": "agents: {}"}, "admission", "spec.config"),
     ("no-config", {"replicas": 1}, "admission", "spec.config"),
     (

@@ -81,11 +81,25 @@ CASES: list[tuple[str, Any, str, str]] = [
     ("budget-list", {**OK, "thinkingBudget": [1]}, "admission", "thinkingBudget"),
     ("spec-string", "everything", "admission", "spec"),
     # What a schema cannot say: checked in code before any HTTP call.
+    # Rules across fields: the CRD's CEL rules refuse them at admission (the code checks them
+    # too, for clusters and objects the apiserver did not check).
     (
         "flags-both",
         {**OK, "runtimeFlags": ["--temp", "1"], "rawRuntimeFlags": "--temp 1"},
-        "status",
-        "exclusive",
+        "admission",
+        "runtimeFlags and rawRuntimeFlags are exclusive; pick one",
+    ),
+    (
+        "speculative-on-vllm",
+        {**OK, "backend": "vllm", "speculative": {"draftModel": "ai/qwen3:0.6B"}},
+        "admission",
+        "speculative decoding is a llama.cpp feature",
+    ),
+    (
+        "diffusers-completion",
+        {**OK, "backend": "diffusers", "mode": "completion"},
+        "admission",
+        "backend diffusers serves only mode image-generation",
     ),
     (
         "flag-not-allowed",
@@ -143,13 +157,13 @@ CASES: list[tuple[str, Any, str, str]] = [
         "status",
         "nested key",
     ),
-    ("ctx-zero", {**OK, "contextSize": 0}, "status", "spec.contextSize"),
+    ("ctx-zero", {**OK, "contextSize": 0}, "admission", "spec.contextSize: Invalid value"),
     ("budget-word", {**OK, "thinkingBudget": "extreme"}, "status", "spec.thinkingBudget"),
     (
         "vllm-on-llama",
         {**OK, "backend": "llama.cpp", "vllm": {"gpuMemoryUtilization": 0.5}},
-        "status",
-        "need backend vllm",
+        "admission",
+        "vllm options need backend vllm",
     ),
     (
         "url-metadata",
@@ -184,8 +198,8 @@ CASES: list[tuple[str, Any, str, str]] = [
     (
         "url-and-selector",
         {**OK, "runners": {"url": "http://gpu-box:1", "poolSelector": {}}},
-        "status",
-        "exclusive",
+        "admission",
+        "url and poolSelector are exclusive; pick one",
     ),
     ("keepalive-overflow", {**OK, "keepAlive": "99999999999999h"}, "status", "spec.keepAlive"),
 ]

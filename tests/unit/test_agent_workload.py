@@ -225,3 +225,15 @@ def test_configmap_and_service() -> None:
 def test_image_is_overridable() -> None:
     manifest = workload(spec_of(image="registry.local/docker-agent@sha256:" + "a" * 64))
     assert container(manifest, "docker-agent")["image"].startswith("registry.local/")
+
+
+def test_sidecar_only_runner_fields_on_a_pool_agent_are_named() -> None:
+    pool = spec_of(runner={"mode": "Pool", "gpus": {"count": 1}, "storage": {"size": "1Gi"}})
+    assert agent_workload.runner_problems(pool) == [
+        "spec.runner.gpus: only Sidecar mode runs a model-runner in the agent's pods; Pool mode "
+        "uses the DMRModels' runner pools",
+        "spec.runner.storage.size: only Sidecar mode runs a model-runner in the agent's pods; "
+        "Pool mode uses the DMRModels' runner pools",
+    ]
+    sidecar = spec_of(runner={"mode": "Sidecar", "gpus": {"count": 1}})
+    assert agent_workload.runner_problems(sidecar) == []

@@ -258,3 +258,23 @@ def test_conflict_goes_to_the_newer_object() -> None:
         for t, r in [(new, {"p0"}), (old, {"p0", "p1"}), (other_mode, {"p0"}), (elsewhere, {"p9"})]
     }
     assert dmrmodel.find_conflicts(claims) == {"ns/new": "old"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        (
+            {"model": "ai/x", "backend": "vllm", "speculative": {"draftModel": "ai/y"}},
+            "spec.speculative: speculative decoding is a llama.cpp feature, not vllm",
+        ),
+        (
+            {"model": "ai/x", "backend": "diffusers", "mode": "completion"},
+            "spec.mode: backend diffusers serves only mode image-generation",
+        ),
+    ],
+)
+def test_cross_field_rules_are_checked_in_code_too(spec: dict[str, Any], problem: str) -> None:
+    # The CRD refuses these at admission; the code says the same for what it did not check.
+    from dmr_operator.api.v1alpha1.dmrmodel import DMRModelSpec
+
+    assert problem in dmrmodel.validate_spec(DMRModelSpec.model_validate(spec))

@@ -207,7 +207,10 @@ def plan_agent(
     resolution = agent_models.resolve_models(
         spec.config, served, default_model=spec.default_model, require_ready=not sidecar
     )
-    config_problems = agent_config.validate_agent_config(spec.config)
+    config_problems = [
+        *agent_workload.runner_problems(spec),
+        *agent_config.validate_agent_config(spec.config),
+    ]
     env_problems = agent_workload.env_problems(spec)
     rendered = agent_config.render_agent_config(
         spec.config,

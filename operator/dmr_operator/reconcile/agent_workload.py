@@ -100,6 +100,28 @@ def workload_kind(spec: agent_api.AgentSpec) -> WorkloadKind:
     return "Deployment"
 
 
+def runner_problems(spec: agent_api.AgentSpec) -> list[str]:
+    """Sidecar-only runner fields on a Pool-mode Agent (the CRD's admission rule, for clusters
+    and objects it did not check): they would be ignored without a word."""
+    runner = spec.runner
+    if runner.mode == "Sidecar":
+        return []
+    given = [
+        name
+        for name, value in (
+            ("gpus", runner.gpus),
+            ("resources", runner.resources),
+            ("storage.size", runner.storage.size),
+        )
+        if value is not None
+    ]
+    return [
+        f"spec.runner.{name}: only Sidecar mode runs a model-runner in the agent's pods; Pool "
+        "mode uses the DMRModels' runner pools"
+        for name in given
+    ]
+
+
 def env_problems(spec: agent_api.AgentSpec) -> list[str]:
     """Secrets must come by reference: a literal value under a secret-looking name is refused,
     in ``env`` and anywhere in the docker-agent config (which is stored in a ConfigMap)."""

@@ -192,6 +192,12 @@ def validate_spec(spec: DMRModelSpec, *, allowed_runner_hosts: Iterable[str] = (
             "spec.contextSize: 0 is ignored by model-runner; use a positive size, or -1 for "
             "unlimited"
         )
+    if spec.speculative is not None and spec.backend not in (None, "llama.cpp"):
+        problems.append(
+            f"spec.speculative: speculative decoding is a llama.cpp feature, not {spec.backend}"
+        )
+    if spec.backend == "diffusers" and spec.mode != "image-generation":
+        problems.append("spec.mode: backend diffusers serves only mode image-generation")
     if spec.vllm is not None:
         if spec.backend not in (None, "vllm"):
             problems.append(f"spec.vllm: vllm options need backend vllm, not {spec.backend}")

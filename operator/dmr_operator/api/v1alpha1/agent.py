@@ -14,7 +14,7 @@ from pydantic import Field
 from pydantic.config import JsonDict
 
 from dmr_operator import constants
-from dmr_operator.api.v1alpha1.common import CamelModel, Condition
+from dmr_operator.api.v1alpha1.common import CamelModel, Condition, admission_rules
 
 # Pinned so a cluster never silently picks up a new docker-agent release; a released tag of the
 # official image (https://hub.docker.com/r/docker/docker-agent). Overridden per Agent by spec.image.
@@ -81,6 +81,16 @@ class SidecarStorage(CamelModel):
 
 class AgentRunner(CamelModel):
     """Where the Agent's models run."""
+
+    model_config = admission_rules(
+        (
+            "self.mode == 'Sidecar' || (!has(self.gpus) && !has(self.resources)"
+            " && (!has(self.storage) || !has(self.storage.size)))",
+            "gpus, resources and storage.size are for the sidecar model-runner: they need "
+            "mode Sidecar (Pool mode uses the DMRModels' runner pools)",
+            ".mode",
+        ),
+    )
 
     mode: RunnerMode = Field(
         default="Pool",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
 
 
@@ -30,6 +30,20 @@ class CamelModel(BaseModel):
     def to_api(self) -> dict[str, object]:
         """The object as the API server stores it: camelCase keys, unset fields omitted."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def admission_rules(*rules: tuple[str, str, str]) -> ConfigDict:
+    """A model's config carrying CEL rules the apiserver checks at admission (``kubectl apply``
+    refuses the object with the message), for what an OpenAPI schema cannot say: rules across
+    fields. Each is (rule, message, fieldPath relative to the object). The code keeps its own
+    checks of the same rules (clusters that skip them, objects made before)."""
+    validations: list[JsonValue] = [
+        {"rule": rule, "message": message, "fieldPath": field_path}
+        for rule, message, field_path in rules
+    ]
+    return ConfigDict(
+        **CamelModel.model_config, json_schema_extra={"x-kubernetes-validations": validations}
+    )
 
 
 ConditionStatus = Literal["True", "False", "Unknown"]

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from dmr_operator import constants
-from dmr_operator.api.v1alpha1.common import CamelModel, Condition
+from dmr_operator.api.v1alpha1.common import CamelModel, Condition, admission_rules
 from dmr_operator.dmr import references, validation
 
 Backend = Literal["llama.cpp", "vllm", "mlx", "sglang", "diffusers"]
@@ -115,6 +115,14 @@ class SecretKeyRef(CamelModel):
 class Runners(CamelModel):
     """Where the model lives: model-runner pods of this namespace, or one external runner."""
 
+    model_config = admission_rules(
+        (
+            "!(has(self.url) && has(self.poolSelector))",
+            "url and poolSelector are exclusive; pick one",
+            ".url",
+        ),
+    )
+
     pool_selector: LabelSelector | None = Field(
         default=None,
         description="Label selector over model-runner pods in this namespace; every Ready pod it "
@@ -132,6 +140,36 @@ class Runners(CamelModel):
 
 class DMRModelSpec(CamelModel):
     """Desired state of a model on model-runner."""
+
+    model_config = admission_rules(
+        (
+            "!(has(self.runtimeFlags) && size(self.runtimeFlags) > 0"
+            " && has(self.rawRuntimeFlags) && size(self.rawRuntimeFlags) > 0)",
+            "runtimeFlags and rawRuntimeFlags are exclusive; pick one",
+            ".rawRuntimeFlags",
+        ),
+        (
+            "!has(self.vllm) || !has(self.backend) || self.backend == 'vllm'",
+            "vllm options need backend vllm (or no backend, for a safetensors model)",
+            ".vllm",
+        ),
+        (
+            "!has(self.speculative) || !has(self.backend) || self.backend == 'llama.cpp'",
+            "speculative decoding is a llama.cpp feature: no backend, or backend llama.cpp",
+            ".speculative",
+        ),
+        (
+            "!has(self.backend) || self.backend != 'diffusers'"
+            " || (has(self.mode) && self.mode == 'image-generation')",
+            "backend diffusers serves only mode image-generation",
+            ".mode",
+        ),
+        (
+            "!has(self.contextSize) || self.contextSize != 0",
+            "0 is ignored by model-runner; use a positive size, or -1 for unlimited",
+            ".contextSize",
+        ),
+    )
 
     model: str = Field(
         min_length=1,
