@@ -306,6 +306,7 @@ def _invalid_spec_status(
             [
                 update(agent_status.CONFIG_VALID, "False", reason, message),
                 update(agent_status.READY, "False", agent_status.Reason.NOT_READY, message),
+                conditions.stalled(reason, message),
             ],
             now=now,
             generation=int(generation) if generation is not None else None,

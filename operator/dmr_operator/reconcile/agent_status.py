@@ -100,6 +100,8 @@ def agent_status(
         message="" if all_true else _first_message(models_update, config_update, available_update),
     )
     updates = [models_update, config_update, available_update, ready_update]
+    if config_update.status == "False":  # a configuration to fix: no retry will help
+        updates.append(conditions.stalled(config_update.reason, config_update.message))
     warnings = [
         *agent_config.ignored_option_warnings(resolution),
         *unload_hook_warnings(

@@ -23,6 +23,16 @@ class ConditionUpdate:
     message: str = ""
 
 
+STALLED = "Stalled"
+
+
+def stalled(reason: str, message: str) -> ConditionUpdate:
+    """``Stalled=True``: kstatus (Flux) reports the object Failed at once instead of waiting out
+    its timeout. Only for states that need a person (a spec to fix); absent otherwise, as
+    kstatus wants abnormal-true conditions."""
+    return ConditionUpdate(STALLED, "True", reason, message)
+
+
 def merge_conditions(
     previous: Iterable[Mapping[str, Any]] | None,
     updates: Sequence[ConditionUpdate],

