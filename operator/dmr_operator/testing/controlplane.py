@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -167,6 +167,28 @@ class _Process:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+
+
+class StartStopContext:
+    """``with process:`` starts it and stops it on the way out, for the test bed's processes
+    (subclasses give ``start`` returning themselves, and ``stop``)."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 def stop_process_group(popen: subprocess.Popen[Any], *, grace: float) -> None:

@@ -15,12 +15,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
+from dmr_operator.testing import controlplane
 from dmr_operator.testing.waiting import wait_for
 
 
-class OperatorProcess:
+class OperatorProcess(controlplane.StartStopContext):
     """``dmr-operator run`` against a kubeconfig, started and stopped by the caller."""
 
     def __init__(
@@ -111,14 +111,3 @@ class OperatorProcess:
             if self.process.poll() is None:
                 self.kill()
         return self.process.returncode
-
-    def __enter__(self) -> OperatorProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

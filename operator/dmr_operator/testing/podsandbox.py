@@ -26,7 +26,6 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from dmr_operator.testing import controlplane
@@ -63,7 +62,7 @@ def _security(pod_spec: Mapping[str, Any], container: Mapping[str, Any]) -> dict
     return merged
 
 
-class ContainerSandbox:
+class ContainerSandbox(controlplane.StartStopContext):
     """One container of ``pod_spec`` running as its spec says, with its volumes under ``root``.
 
     Volumes (emptyDir, claims) are directories ``root/volumes/<name>`` that outlive a restart,
@@ -231,17 +230,6 @@ class ContainerSandbox:
 
     def log_tail(self, lines: int = 30) -> str:
         return controlplane.log_tail(self.log_path, lines)
-
-    def __enter__(self) -> ContainerSandbox:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _q(base: Path | str, inside: str | None = None) -> str:

@@ -26,7 +26,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -81,7 +80,7 @@ def gemma_gguf() -> Path:
     return Path(gemma.assemble(target))
 
 
-class ModelRunnerProcess:
+class ModelRunnerProcess(controlplane.StartStopContext):
     """One real model-runner server, as a runner pod's container runs it.
 
     With a ``port`` it listens on TCP (upstream binds ``:PORT``, every interface, so two runners
@@ -206,17 +205,6 @@ class ModelRunnerProcess:
         except httpx.HTTPError:
             return False
 
-    def __enter__(self) -> ModelRunnerProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 @dataclass(frozen=True)
 class LlamaServer:
@@ -245,7 +233,7 @@ class LlamaServer:
             return props
 
 
-class ModelRegistryProcess:
+class ModelRegistryProcess(controlplane.StartStopContext):
     """A registry on loopback holding models packaged from local GGUF files.
 
     ``models`` maps a name (``ai/gemma3:270m``) to a GGUF path; the program pushes each with
@@ -293,17 +281,6 @@ class ModelRegistryProcess:
             controlplane.stop_process_group(self.process, grace=STOP_GRACE_SECONDS)
             if self.process.stdout is not None:
                 self.process.stdout.close()
-
-    def __enter__(self) -> ModelRegistryProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @dataclass(frozen=True)
