@@ -230,6 +230,7 @@ def test_thirty_models_at_once_wait_for_the_runners_two_pull_slots(
             source, reference=reference, digest=digest
         )
     runner.pull_line_delay = 0.1
+    applied = time.monotonic()
     for name in names:
         objects.create(PLURAL, cluster.dmrmodel(name, {"model": f"ai/many-{name}:1"}))
 
@@ -249,6 +250,10 @@ def test_thirty_models_at_once_wait_for_the_runners_two_pull_slots(
         return all(by_name.get(name, {}).get("phase") == "Ready" for name in names)
 
     wait_for(all_ready, timeout=60, interval=0.2, message="thirty models Ready")
+    print(
+        f"FAULT 30 models at once on one runner (pulls ~0.4 s each): all Ready after "
+        f"{time.monotonic() - applied:.1f} s, pulls in flight at most {runner.max_pulls_in_flight}"
+    )
 
     assert "Queued" in seen_states and "PullQueued" in seen_states
     assert "RunnerUnreachable" not in seen_states
@@ -290,12 +295,18 @@ def test_a_backend_the_runners_image_lacks_is_a_condition_not_a_retry_loop(
     asked = len(runner.calls("GET", "/engines/status"))
     time.sleep(3)
     assert len(runner.calls("GET", "/engines/status")) - asked <= 1
+    moved = time.monotonic()
 
     # The pool moves to a vLLM image (a new pod process): the model is configured there.
     runner.use_image("latest-vllm-cuda")
     node_simulator.crash(namespace, pod)
     objects.wait_phase(PLURAL, "qwen-vllm", "Ready", timeout=30)
     assert bodies(runner, CONFIGURE_VLLM) == [VLLM_WIRE]
+    print(
+        f"FAULT pool image without the backend: BackendUnavailable, "
+        f"{len(runner.calls('GET', '/engines/status'))} status reads in all, Ready "
+        f"{time.monotonic() - moved:.1f} s after the pod came back with a vLLM image"
+    )
 
 
 def test_models_beyond_a_runners_slots_and_gpu_memory_are_flagged(

@@ -9,6 +9,7 @@ configured again before the next completion, and an embedding model answers with
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -191,6 +192,7 @@ def test_an_ollama_clients_configuration_is_noticed_and_undone(
             },
         )
     assert answer.status_code == 200, answer.text
+    overwritten = time.monotonic()
 
     def stored() -> dict[str, Any]:
         with runner.http(timeout=10) as http:
@@ -203,6 +205,10 @@ def test_an_ollama_clients_configuration_is_noticed_and_undone(
         lambda: stored().get("context-size") == CONTEXT_SIZE,
         timeout=30,
         message="the operator to restore its configuration",
+    )
+    print(
+        f"FAULT Ollama client overwriting the configuration (real server, --verify-interval 2):"
+        f" restored {time.monotonic() - overwritten:.1f} s after the /api/chat answered"
     )
     assert stored()["runtime-flags"] == ["--temp", "0.2"]
 

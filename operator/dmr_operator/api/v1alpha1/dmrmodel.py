@@ -201,7 +201,10 @@ class DMRModelSpec(CamelModel):
         max_length=64,
         pattern=validation.KEEP_ALIVE_PATTERN,
         description='How long an idle model stays loaded: a Go duration ("30m", "1h30m"), "0" '
-        '(unload after each request) or "-1" (never unload). Quote it in YAML [keep_alive].',
+        '(unload after each request) or "-1" (never unload). Quote it in YAML [keep_alive]. '
+        "Unset: the runner's default, 5 minutes, or 8 hours on a runner with "
+        "MODEL_RUNNER_ENVIRONMENT=cloud and GPUs visible (NVIDIA_VISIBLE_DEVICES; the chart's "
+        "pools set cloud). Runners past their slots evict idle models even with -1.",
     )
     runtime_flags: list[str] | None = Field(
         default=None,
