@@ -338,6 +338,15 @@ class ModelRunnerClient:
         response = await self._call("GET", "/engines/df")
         return wire.DiskUsage.model_validate(self._json(response))
 
+    async def log_tail(self, lines: int = 8) -> list[str]:
+        """The last lines of the runner's service and engine logs (``GET /logs``), for a person
+        reading why an engine did not start; empty when the runner has no logs API."""
+        try:
+            response = await self._call("GET", "/logs", params={"no-engines": "false"})
+        except RunnerError:
+            return []
+        return [line for line in response.text.splitlines() if line.strip()][-lines:]
+
     async def version(self) -> str:
         response = await self._call("GET", "/version")
         return str(self._json(response).get("version", ""))

@@ -915,7 +915,14 @@ class RunnerWorker:
                 await client.preload(target.normalized, applied.backend, mode=mode)
                 running = await client.ps()
             except modelrunner.RunnerError as error:
-                self._load_failed(target, f"warm-up load failed: {error}")
+                # The runner's log says what the engine did (GET /logs): its last complaint.
+                complaints = [
+                    line
+                    for line in await client.log_tail(lines=20)
+                    if "level=WARN" in line or "level=ERROR" in line
+                ]
+                logged = f"; runner log: {complaints[-1]}" if complaints else ""
+                self._load_failed(target, f"warm-up load failed: {error}{logged}")
                 continue
             loaded = any(
                 entry.backend_name == applied.backend

@@ -280,3 +280,30 @@ WARM_EMBEDDING = {
     "runtimeFlags": ["--pooling", "mean"],
     "warmup": True,
 }
+
+
+def test_an_engine_that_cannot_start_is_reported_with_the_runners_log(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    real_runners: realpeers.RealRunnerFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    single_runner_pool(api_client, node_simulator, namespace)
+    # model-runner's allow-list takes --pooling; llama-server refuses the value when it starts.
+    spec = {**WARM_CHAT, "runtimeFlags": ["--pooling", "bogus"]}
+    applied = time.monotonic()
+    objects.create(PLURAL, cluster.dmrmodel("broken", spec))
+    failed = objects.wait_phase(PLURAL, "broken", "Failed", timeout=120)["status"]
+    ready = {c["type"]: c for c in failed["conditions"]}["Ready"]
+    assert ready["reason"] == "LoadFailed"
+    assert "invalid value" in ready["message"]  # llama-server's own words, via model-runner
+    assert (
+        "runner log: " in ready["message"]
+        and "Backend runner initialization failed" in (ready["message"])
+    )
+    print(
+        f"FAULT engine that fails to start (real llama-server, warmup): LoadFailed with the "
+        f"runner's log line {time.monotonic() - applied:.1f} s after apply"
+    )
