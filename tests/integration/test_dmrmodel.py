@@ -111,6 +111,7 @@ def test_every_option_on_a_three_replica_pool(
     assert status["endpoint"] == f"http://pool-default.{namespace}.svc:80/v1"
     assert sorted(r["pod"] for r in status["runners"]) == pods
     assert {r["state"] for r in status["runners"]} == {"Configured"}
+    assert {r["keepAlive"] for r in status["runners"]} == {"-1"}  # spec.keepAlive, echoed
     assert all(r["node"].startswith(namespace) for r in status["runners"])
     # Read back from the runner, in the runner's spelling (keep_alive echoed as a Go duration).
     assert status["effective"] == {

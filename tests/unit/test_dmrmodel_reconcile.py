@@ -193,6 +193,8 @@ def test_status_ready_when_every_runner_configured() -> None:
         "state": "Configured",
         "pulledPercent": 100,
         "configuredAt": "t0",
+        # No keepAlive in the spec: the runner's own default (no cloud environment, no GPU).
+        "keepAlive": "5m0s",
     }
     # Recomputing later with nothing changed gives identical status: no write is needed.
     again = dmrmodel.model_status(

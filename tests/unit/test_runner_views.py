@@ -76,6 +76,28 @@ def test_a_native_sidecar_runner_is_found_with_its_restarts() -> None:
     assert (runner.image, runner.gpus) == ("docker/model-runner:latest-cuda", 2)
 
 
+@pytest.mark.parametrize(
+    ("env", "limits", "idle"),
+    [
+        ([], {}, "5m0s"),
+        ([{"name": "MODEL_RUNNER_ENVIRONMENT", "value": "cloud"}], {}, "5m0s"),
+        (
+            [{"name": "MODEL_RUNNER_ENVIRONMENT", "value": "cloud"}],
+            {"nvidia.com/gpu": "1"},
+            "8h0m0s",
+        ),
+        ([{"name": "MODEL_RUNNER_ENVIRONMENT", "value": "cloud"}], {"amd.com/gpu": "1"}, "5m0s"),
+        ([], {"nvidia.com/gpu": "1"}, "5m0s"),
+    ],
+)
+def test_the_runners_default_idle_timeout_follows_model_runners_rule(
+    env: list[dict[str, str]], limits: dict[str, str], idle: str
+) -> None:
+    runner_pod = pod()
+    runner_pod["spec"]["containers"][1] |= {"env": env, "resources": {"limits": limits}}
+    assert runners.runner_from_pod(runner_pod).default_keep_alive == idle
+
+
 def test_pool_endpoint_is_the_v1_alias_of_the_matching_service() -> None:
     services = [
         {

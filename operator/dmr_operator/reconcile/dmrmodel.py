@@ -513,6 +513,8 @@ def _runner_status(placement: Placement) -> dict[str, Any]:
             "configuredAt": placement.configured_at,
             "message": placement.message,
             "loaded": placement.loaded,
+            "keepAlive": (placement.effective or {}).get("keep_alive")
+            or (runner.default_keep_alive if placement.state == "Configured" else None),
         }
     )
 

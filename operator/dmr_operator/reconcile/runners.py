@@ -12,11 +12,15 @@ import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from dmr_operator import constants
 from dmr_operator.reconcile import selectors
+
+# model-runner's idle timeouts without keep_alive (real-peers.md M8), in its Go duration form.
+DEFAULT_KEEP_ALIVE: Final = "5m0s"
+CLOUD_GPU_KEEP_ALIVE: Final = "8h0m0s"
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class Runner:
     external: bool = False
     image: str | None = None  # the model-runner container's image (decides its backends)
     gpus: int = 0  # GPUs its container asks for (any vendor's */gpu extended resource)
+    default_keep_alive: str = DEFAULT_KEEP_ALIVE
+    """model-runner's idle timeout for models without keep_alive in this runner's pod."""
 
     @property
     def address(self) -> str | None:
@@ -81,6 +87,7 @@ def runner_from_pod(pod: Mapping[str, Any]) -> Runner:
         },
         image=str(runner_container.get("image")) if runner_container else None,
         gpus=_gpu_count(runner_container),
+        default_keep_alive=_default_keep_alive(runner_container),
     )
 
 
@@ -113,6 +120,21 @@ def _all_containers(spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The pod's containers and its native sidecars (init containers that keep running)."""
     sidecars = [c for c in spec.get("initContainers") or () if c.get("restartPolicy") == "Always"]
     return [*(spec.get("containers") or ()), *sidecars]
+
+
+def _default_keep_alive(container: Mapping[str, Any] | None) -> str:
+    """model-runner keeps idle models 5 minutes, 8 hours when MODEL_RUNNER_ENVIRONMENT=cloud and
+    NVIDIA GPUs are visible (the NVIDIA runtime sets NVIDIA_VISIBLE_DEVICES for a GPU request)."""
+    env = {str(e.get("name")): e.get("value") for e in (container or {}).get("env") or ()}
+    limits = ((container or {}).get("resources") or {}).get("limits") or {}
+    nvidia = str(limits.get("nvidia.com/gpu", "0")) not in ("", "0") or bool(
+        env.get("NVIDIA_VISIBLE_DEVICES")
+    )
+    return (
+        CLOUD_GPU_KEEP_ALIVE
+        if env.get("MODEL_RUNNER_ENVIRONMENT") == "cloud" and nvidia
+        else (DEFAULT_KEEP_ALIVE)
+    )
 
 
 def _gpu_count(container: Mapping[str, Any] | None) -> int:

@@ -73,6 +73,8 @@ def test_configured_model_is_what_llama_server_runs_and_it_answers(
         "keep_alive": "10m0s",
         "llamacpp": {"reasoning-budget": 256},
     }
+    # The idle timeout the runner applies, in its own spelling.
+    assert status["runners"][0]["keepAlive"] == "10m0s"
     runner = real_runners.of(namespace, pod).runner
     with runner.http(timeout=10) as http:
         configs = http.get("/engines/_configure", params={"model": realpeers.GEMMA}).json()

@@ -285,6 +285,12 @@ class RunnerStatus(CamelModel):
         description="With spec.warmup: the model was loaded and listed by the runner's "
         "/engines/ps after this configuration (it may be unloaded later when idle).",
     )
+    keep_alive: str | None = Field(
+        default=None,
+        description="How long this runner keeps the model loaded when idle: spec.keepAlive as "
+        "the runner echoes it, else the runner's own default (5m0s; 8h0m0s with "
+        "MODEL_RUNNER_ENVIRONMENT=cloud and NVIDIA GPUs).",
+    )
 
 
 class DMRModelStatus(CamelModel):
