@@ -196,7 +196,13 @@ def test_operator_with_the_charts_rbac_reconciles_and_is_refused_outside_its_rig
         str(json.loads(line).get("message", "")) if line.startswith("{") else line
         for line in operator.log().splitlines()
     ]
-    forbidden = [m for m in messages if re.search(r"\b403\b", m) or "orbidden" in m]
+    # RBAC denials only: NamespaceLifecycle also answers 403 to writes into a namespace that an
+    # earlier test is deleting, which a cluster-wide operator may still be reconciling.
+    forbidden = [
+        m
+        for m in messages
+        if (re.search(r"\b403\b", m) or "orbidden" in m) and "being terminated" not in m
+    ]
     assert forbidden == [], "\n".join(forbidden[:10])
 
 
