@@ -54,7 +54,9 @@ def runner_from_pod(pod: Mapping[str, Any]) -> Runner:
     spec = pod.get("spec") or {}
     status = pod.get("status") or {}
     container, port = _runner_container(spec)
-    runner_container = next((c for c in _all_containers(spec) if c.get("name") == container), None)
+    runner_container = next(
+        (c for c in running_containers(spec) if c.get("name") == container), None
+    )
     # A Sidecar-mode runner is a native sidecar: its status is among the init containers'.
     statuses = [
         *(status.get("containerStatuses") or ()),
@@ -106,7 +108,7 @@ def external_runner(url: str, namespace: str) -> Runner:
 
 def _runner_container(spec: Mapping[str, Any]) -> tuple[str | None, int]:
     """The model-runner container and its port: the port named ``dmr``, else 12434."""
-    containers = _all_containers(spec)
+    containers = running_containers(spec)
     for container in containers:
         for port in container.get("ports") or ():
             if port.get("name") == constants.RUNNER_PORT_NAME:
@@ -116,7 +118,7 @@ def _runner_container(spec: Mapping[str, Any]) -> tuple[str | None, int]:
     return (chosen.get("name") if chosen else None), constants.RUNNER_PORT
 
 
-def _all_containers(spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def running_containers(spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The pod's containers and its native sidecars (init containers that keep running)."""
     sidecars = [c for c in spec.get("initContainers") or () if c.get("restartPolicy") == "Always"]
     return [*(spec.get("containers") or ()), *sidecars]

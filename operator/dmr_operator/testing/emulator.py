@@ -752,10 +752,7 @@ class ModelRunnerEmulator:
         (only those fields, the rest gone), before it answers. ``ollama_replaces_config=False``
         turns that off for tests that want an Ollama client without the side effect."""
         try:
-            body = json.loads(raw)
-            if not isinstance(body, dict):
-                raise ValueError
-            model = _string_or_empty(body.get("model"))
+            body, model = _model_request(raw)
         except ValueError:
             return text_error(400, "invalid request")
         if self.ollama_replaces_config:
@@ -857,10 +854,7 @@ class ModelRunnerEmulator:
         if backend not in validation.BACKENDS:
             return text_error(404, validation.BACKEND_NOT_FOUND)
         try:
-            body = json.loads(raw)
-            if not isinstance(body, dict):
-                raise ValueError
-            model = _string_or_empty(body.get("model"))
+            body, model = _model_request(raw)
         except ValueError:
             return text_error(400, "invalid request")
         if not model:
@@ -917,6 +911,14 @@ class _InferenceError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def _model_request(raw: bytes) -> tuple[dict[str, Any], str]:
+    """An inference request's JSON object and its ``model``; ValueError as Go's decoder fails."""
+    body = json.loads(raw)
+    if not isinstance(body, dict):
+        raise ValueError
+    return body, _string_or_empty(body.get("model"))
 
 
 def _string_or_empty(value: Any) -> str:

@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 import kubernetes
 
 from dmr_operator import constants
+from dmr_operator.reconcile import runners as runner_views
 from dmr_operator.testing.controlplane import KUBERNETES_VERSION
 
 logger = logging.getLogger(__name__)
@@ -104,20 +105,13 @@ def pod_port(pod: dict[str, Any]) -> int:
     """
     ports = [
         port
-        for container in _running_containers(pod.get("spec", {}))
+        for container in runner_views.running_containers(pod.get("spec", {}))
         for port in container.get("ports") or []
     ]
     if constants.POOL_LABEL in (pod.get("metadata", {}).get("labels") or {}):
         named = [p["containerPort"] for p in ports if p.get("name") == constants.RUNNER_PORT_NAME]
         return int(named[0]) if named else constants.RUNNER_PORT
     return int(ports[0]["containerPort"]) if ports else DEFAULT_POD_PORT
-
-
-def _running_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """The containers that keep running: the app containers, then the native sidecars (init
-    containers with ``restartPolicy: Always``)."""
-    sidecars = [c for c in spec.get("initContainers") or [] if c.get("restartPolicy") == "Always"]
-    return [*spec.get("containers", []), *sidecars]
 
 
 @dataclass
@@ -571,7 +565,7 @@ class NodeSimulator:
     def _admit(self, pod: dict[str, Any], *, node: str) -> _SimulatedPod:
         metadata = pod["metadata"]
         now = _now()
-        containers = [c["name"] for c in _running_containers(pod.get("spec", {}))]
+        containers = [c["name"] for c in runner_views.running_containers(pod.get("spec", {}))]
         simulated = _SimulatedPod(
             namespace=metadata["namespace"],
             name=metadata["name"],
