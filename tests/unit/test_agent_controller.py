@@ -333,3 +333,35 @@ def test_foreign_edit_or_deletion_of_the_workload_forgets_what_was_applied(delet
     workload["metadata"]["generation"] = 3  # kubectl scale, or deletion
     controller.workload_changed(workload, deleted=deleted)
     assert ("Deployment", "helper") not in state.applied
+
+
+def test_gpu_claim_template_comes_first_and_a_refusal_fails_config_valid() -> None:
+    body = agent(
+        runner={
+            "mode": "Sidecar",
+            "gpus": {"deviceClassName": "gpu.nvidia.com", "selectors": ["x"]},
+        }
+    )
+    first = plan(body)
+    assert [c["kind"] for c in first.children] == [
+        "ResourceClaimTemplate",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+    ]
+    words = "selectors[0].cel.expression: Invalid value: 'x': compilation failed"
+    refused = {first.hashes[0]: words}
+    second = agents.plan_agent(
+        agent=body,
+        served=[],
+        pods=[],
+        workloads={},
+        other_agents_endpoints={},
+        now=NOW,
+        refused=refused,
+    )
+    assert second.children == ()  # nothing rolled out from a request the apiserver refused
+    valid = next(c for c in second.status["conditions"] if c["type"] == "ConfigValid")
+    assert valid["status"] == "False"
+    assert "spec.runner.gpus: the apiserver refused the GPU claim template" in valid["message"]
+    assert "compilation failed" in valid["message"]

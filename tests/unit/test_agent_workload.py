@@ -237,3 +237,77 @@ def test_sidecar_only_runner_fields_on_a_pool_agent_are_named() -> None:
     ]
     sidecar = spec_of(runner={"mode": "Sidecar", "gpus": {"count": 1}})
     assert agent_workload.runner_problems(sidecar) == []
+
+
+BIG_GPU = "device.capacity['gpu.nvidia.com'].memory.compareTo(quantity('40Gi')) >= 0"
+
+
+def test_dra_gpus_are_a_claim_from_a_template_named_by_its_request() -> None:
+    spec = spec_of(
+        runner={
+            "mode": "Sidecar",
+            "gpus": {"deviceClassName": "gpu.nvidia.com", "count": 2, "selectors": [BIG_GPU]},
+            "resources": {"limits": {"memory": "8Gi"}},
+        }
+    )
+    template = agent_workload.render_claim_template(agent="helper", namespace="team", spec=spec)
+    assert template is not None
+    assert template["apiVersion"] == "resource.k8s.io/v1"
+    assert template["kind"] == "ResourceClaimTemplate"
+    name = template["metadata"]["name"]
+    assert name.startswith("helper-gpus-")
+    assert template["metadata"]["labels"][constants.AGENT_LABEL] == "helper"
+    (request,) = template["spec"]["spec"]["devices"]["requests"]
+    assert request == {
+        "name": "gpu",
+        "exactly": {
+            "deviceClassName": "gpu.nvidia.com",
+            "allocationMode": "ExactCount",
+            "count": 2,
+            "selectors": [{"cel": {"expression": BIG_GPU}}],
+        },
+    }
+    pod = workload(spec)["spec"]["template"]["spec"]
+    assert pod["resourceClaims"] == [{"name": "gpus", "resourceClaimTemplateName": name}]
+    runner = container(workload(spec), constants.RUNNER_CONTAINER)
+    # The claim gives the devices: no extended resource besides it.
+    assert runner["resources"] == {"limits": {"memory": "8Gi"}, "claims": [{"name": "gpus"}]}
+    # Templates are immutable: another request is another template, the same one the same.
+    other = spec.model_copy(deep=True)
+    assert other.runner.gpus is not None
+    other.runner.gpus.count = 1
+    assert agent_workload.claim_template_name("helper", other.runner.gpus) != name
+    assert spec.runner.gpus is not None
+    assert agent_workload.claim_template_name("helper", spec.runner.gpus) == name
+
+
+def test_own_claim_template_is_referenced_not_rendered() -> None:
+    spec = spec_of(runner={"mode": "Sidecar", "gpus": {"resourceClaimTemplateName": "h100"}})
+    assert agent_workload.render_claim_template(agent="helper", namespace="team", spec=spec) is None
+    pod = workload(spec)["spec"]["template"]["spec"]
+    assert pod["resourceClaims"] == [{"name": "gpus", "resourceClaimTemplateName": "h100"}]
+    runner = container(workload(spec), constants.RUNNER_CONTAINER)
+    assert runner["resources"] == {"claims": [{"name": "gpus"}]}
+    assert podsecurity.check_restricted(workload(spec)["spec"]["template"]["spec"]) == []
+
+
+def test_extended_resource_gpus_make_no_claim() -> None:
+    spec = spec_of(runner={"mode": "Sidecar", "gpus": {"count": 1}})
+    assert agent_workload.render_claim_template(agent="helper", namespace="team", spec=spec) is None
+    assert "resourceClaims" not in workload(spec)["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize(
+    ("gpus", "field"),
+    [
+        (
+            {"deviceClassName": "gpu.nvidia.com", "resourceClaimTemplateName": "h100"},
+            "resourceClaimTemplateName",
+        ),
+        ({"selectors": [BIG_GPU]}, "selectors"),
+    ],
+)
+def test_contradicting_gpu_requests_are_named(gpus: dict[str, Any], field: str) -> None:
+    spec = spec_of(runner={"mode": "Sidecar", "gpus": gpus})
+    (problem,) = agent_workload.runner_problems(spec)
+    assert problem.startswith(f"spec.runner.gpus.{field}:")

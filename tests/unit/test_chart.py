@@ -67,6 +67,21 @@ MODES: dict[str, dict[str, Any]] = {
     "vllm-pool": {"runnerPools": [{"name": "vllm", "accelerator": "nvidia", "vllm": True}]},
     "amd-pool": {"runnerPools": [{"name": "rocm", "accelerator": "amd", "gpus": 1}]},
     "external-runners": {"allowedRunnerHosts": ["gpu-box.lan:12434", "10.0.0.7"]},
+    "dra-pools": {
+        "runnerPools": [
+            {
+                "name": "big",
+                "accelerator": "nvidia",
+                "gpuClaim": {"deviceClassName": "gpu-40g", "count": 2, "selectors": ["true"]},
+            },
+            {
+                "name": "own",
+                "accelerator": "nvidia",
+                "gpuClaim": {"resourceClaimTemplateName": "h100"},
+            },
+        ],
+        "deviceClasses": [{"name": "gpu-40g", "selectors": ["device.driver == 'gpu.nvidia.com'"]}],
+    },
 }
 
 
@@ -515,6 +530,8 @@ def test_pool_env_and_defaults_merge() -> None:
         {"metrics": {"serviceMonitor": {"interval": "often"}}},
         {"leaderElection": {"leaseDuration": 1}},
         {"leaderElection": {"leaseName": "Not_A_Name"}},
+        {"runnerPools": [{"name": "p", "gpuClaim": {"deviceClassName": "Bad_Name"}}]},
+        {"deviceClasses": [{"name": "c"}]},
     ],
     ids=repr,
 )
@@ -532,6 +549,21 @@ def test_schema_refuses_bad_values(values: dict[str, Any]) -> None:
         ({"runnerPools": [{"name": "p", "accelerator": "amd", "vllm": True}]}, "vllm"),
         ({"runnerPools": [{"name": "p", "engine": "sglang"}]}, "engine sglang needs"),
         ({"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}}, "metrics.enabled"),
+        (
+            {"runnerPools": [{"name": "p", "gpuClaim": {"selectors": ["true"]}}]},
+            "deviceClassName",
+        ),
+        (
+            {
+                "runnerPools": [
+                    {
+                        "name": "p",
+                        "gpuClaim": {"deviceClassName": "c", "resourceClaimTemplateName": "t"},
+                    }
+                ]
+            },
+            "not both",
+        ),
     ],
 )
 def test_templates_refuse_inconsistent_values(values: dict[str, Any], message: str) -> None:
@@ -590,3 +622,40 @@ def test_pool_registry_settings_become_model_runners_variables_and_credentials()
     }
     plain = runner_container(pool_objects(render({"runnerPools": [{"name": "p"}]}), "p")[0])
     assert not {"DEFAULT_REGISTRY", "INSECURE_REGISTRY"} & {e["name"] for e in plain["env"]}
+
+
+def test_dra_pool_claims_its_gpus_from_a_template_named_by_its_request() -> None:
+    objects = render(MODES["dra-pools"])
+    statefulset, _ = pool_objects(objects, "big")
+    pod = statefulset["spec"]["template"]["spec"]
+    (claim,) = pod["resourceClaims"]
+    template = only(objects, "ResourceClaimTemplate")
+    assert claim == {"name": "gpus", "resourceClaimTemplateName": template["metadata"]["name"]}
+    assert template["metadata"]["name"].startswith(f"{RELEASE}-pool-big-gpus-")
+    assert template["metadata"]["namespace"] == NAMESPACE
+    (request,) = template["spec"]["spec"]["devices"]["requests"]
+    assert request["exactly"] == {
+        "deviceClassName": "gpu-40g",
+        "allocationMode": "ExactCount",
+        "count": 2,
+        "selectors": [{"cel": {"expression": "true"}}],
+    }
+    container = runner_container(statefulset)
+    # The claim gives the devices; no nvidia.com/gpu extended resource beside it.
+    assert container["resources"] == {"claims": [{"name": "gpus"}]}
+    own, _ = pool_objects(objects, "own")
+    assert own["spec"]["template"]["spec"]["resourceClaims"] == [
+        {"name": "gpus", "resourceClaimTemplateName": "h100"}
+    ]
+    (device_class,) = find(objects, "DeviceClass")
+    assert device_class["metadata"]["name"] == "gpu-40g"
+    assert device_class["spec"]["selectors"] == [
+        {"cel": {"expression": "device.driver == 'gpu.nvidia.com'"}}
+    ]
+    # Another request is another template (the apiserver refuses changes to one).
+    changed = {**MODES["dra-pools"]}
+    changed["runnerPools"] = [
+        {"name": "big", "accelerator": "nvidia", "gpuClaim": {"deviceClassName": "gpu-40g"}}
+    ]
+    other = only(render(changed), "ResourceClaimTemplate")
+    assert other["metadata"]["name"] != template["metadata"]["name"]

@@ -146,7 +146,16 @@ sprig's merge treats an explicit false as unset. Returns YAML; use with fromYaml
 {{- end }}
 {{- $_ := set $pool "image" (printf "%s:%s" $pool.imageRepository $tag) }}
 {{- end }}
-{{- if ne $pool.accelerator "cpu" }}
+{{- if .pool.gpuClaim }}
+{{- /* GPUs through DRA: a claim per pod instead of an extended resource. */}}
+{{- $claim := .pool.gpuClaim }}
+{{- if eq (empty $claim.deviceClassName) (empty $claim.resourceClaimTemplateName) }}
+{{- fail (printf "runnerPools[%s].gpuClaim: give deviceClassName (the chart makes a claim template) or resourceClaimTemplateName (your own), not both or neither" .pool.name) }}
+{{- end }}
+{{- if and $claim.selectors (not $claim.deviceClassName) }}
+{{- fail (printf "runnerPools[%s].gpuClaim.selectors: selectors narrow down the devices of deviceClassName: set it too" .pool.name) }}
+{{- end }}
+{{- else if ne $pool.accelerator "cpu" }}
 {{- $_ := set $pool "gpuResource" (get (dict "nvidia" "nvidia.com/gpu" "amd" "amd.com/gpu") $pool.accelerator) }}
 {{- $_ := set $pool "gpus" (ternary .pool.gpus 1 (hasKey .pool "gpus")) }}
 {{- end }}

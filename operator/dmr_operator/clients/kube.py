@@ -45,6 +45,9 @@ _RESOURCES: Mapping[tuple[str, str], str] = {
     ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{ns}/deployments",
     ("apps/v1", "StatefulSet"): "/apis/apps/v1/namespaces/{ns}/statefulsets",
     ("coordination.k8s.io/v1", "Lease"): "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
+    ("resource.k8s.io/v1", "ResourceClaimTemplate"): (
+        "/apis/resource.k8s.io/v1/namespaces/{ns}/resourceclaimtemplates"
+    ),
     (constants.API_VERSION, constants.DMRMODEL_KIND): (
         f"/apis/{constants.API_VERSION}/namespaces/{{ns}}/{constants.DMRMODEL_PLURAL}"
     ),

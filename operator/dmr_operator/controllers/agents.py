@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 APPLIED_HASH_ANNOTATION: Final = f"{constants.GROUP}/applied-hash"
 WORKLOAD_KINDS: Final = ("Deployment", "StatefulSet")
+CLAIM_TEMPLATE_KIND: Final = "ResourceClaimTemplate"
 _APPS: Final = "apps/v1"
 
 ChildKey = tuple[str, str]  # (kind, name) inside the Agent's namespace
@@ -158,7 +159,7 @@ class AgentPlan:
     """Everything one reconcile of an Agent decided, before any I/O."""
 
     children: tuple[dict[str, Any], ...]
-    """ConfigMap, workload, Service: owned and hashed (see ``owned_child``)."""
+    """[GPU claim template,] ConfigMap, workload, Service: owned and hashed (``owned_child``)."""
     hashes: tuple[str, ...]
     workload_kind: str | None
     desired_replicas: int
@@ -178,12 +179,14 @@ def plan_agent(
     workloads: Mapping[str, Mapping[str, Any]],
     other_agents_endpoints: Mapping[str, frozenset[str]],
     now: str,
+    refused: Mapping[str, str] | None = None,
 ) -> AgentPlan:
     """The pure part of a reconcile: D's calling order (reconcile.agent*) on the watched facts.
 
     ``workloads`` are the Agent's live workloads by kind (the status of the one the spec asks
     for gives the ready replicas); ``other_agents_endpoints`` the Pool endpoints of the
-    namespace's other Agents.
+    namespace's other Agents; ``refused`` the apiserver's words for children it refused, by
+    their hash (a GPU claim template whose device selectors do not compile).
     """
     metadata = agent.get("metadata") or {}
     name, namespace = str(metadata.get("name")), str(metadata.get("namespace"))
@@ -226,19 +229,30 @@ def plan_agent(
     serving = int((workload.get("spec") or {}).get("replicas") or 0) > 0
     gate_open = resolution.all_ready or serving
     desired = agent_workload.desired_replicas(spec, models_ready=gate_open)
+    workload_body = agent_workload.render_workload(
+        agent=name,
+        namespace=namespace,
+        spec=spec,
+        config_hash=config_hash,
+        models_ready=gate_open,
+    )
+    _quantities_as_strings(workload_body)
+    claim_template = agent_workload.render_claim_template(
+        agent=name, namespace=namespace, spec=spec
+    )
     raw_children = [
+        # First: the pods of a new workload must find their claim template.
+        *([claim_template] if claim_template is not None else []),
         agent_workload.render_configmap(agent=name, namespace=namespace, rendered_config=rendered),
-        agent_workload.render_workload(
-            agent=name,
-            namespace=namespace,
-            spec=spec,
-            config_hash=config_hash,
-            models_ready=gate_open,
-        ),
+        workload_body,
         agent_workload.render_service(agent=name, namespace=namespace),
     ]
-    _quantities_as_strings(raw_children[1])
     owned = [owned_child(child, agent=agent) for child in raw_children]
+    config_problems += [
+        f"spec.runner.gpus: the apiserver refused the GPU claim template: {refused[digest]}"
+        for _, digest in owned
+        if refused and digest in refused
+    ]
     endpoints = frozenset(
         m.served.endpoint
         for m in resolution.models
@@ -500,6 +514,11 @@ class _AgentState:
     """Reconciled at least once by this process."""
     config_data: dict[str, Any] | None = None
     """The ConfigMap data last applied or found in sync (to tell a foreign edit from an echo)."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """The apiserver's words for children it refused, by hash: not tried again until the spec
+    (and so the hash) changes."""
+    claim_templates: set[str] = field(default_factory=set)
+    """Names of the GPU claim templates of ours that exist; all but the current one go."""
 
 
 class AgentController:
@@ -649,28 +668,31 @@ class AgentController:
             for other, s in self.agents.items()
             if other != key and other.startswith(f"{namespace}/")
         }
-        plan = plan_agent(
-            agent=agent,
-            served=list(self.served.get(namespace, {}).values()),
-            pods=sorted(self.pods.get(key, {}).values(), key=lambda p: p.name),
-            workloads={
-                kind: body
-                for kind in WORKLOAD_KINDS
-                if (body := self.workloads.get((kind, key))) is not None
-            },
-            other_agents_endpoints=others,
-            now=kube_client.now_rfc3339(),
-        )
-        if self.dmrmodels is not None:
-            self.dmrmodels.set_sidecar_models(namespace, plan.sidecar_pool, plan.sidecar_models)
-        wrote = [
-            await self._ensure_child(state, child, digest)
-            for child, digest in zip(plan.children, plan.hashes, strict=True)
-        ]
+        while True:
+            plan = plan_agent(
+                agent=agent,
+                served=list(self.served.get(namespace, {}).values()),
+                pods=sorted(self.pods.get(key, {}).values(), key=lambda p: p.name),
+                workloads={
+                    kind: body
+                    for kind in WORKLOAD_KINDS
+                    if (body := self.workloads.get((kind, key))) is not None
+                },
+                other_agents_endpoints=others,
+                now=kube_client.now_rfc3339(),
+                refused=state.refused,
+            )
+            if self.dmrmodels is not None:
+                self.dmrmodels.set_sidecar_models(namespace, plan.sidecar_pool, plan.sidecar_models)
+            wrote = await self._ensure_children(state, plan)
+            if wrote is not None:
+                break
+            # The apiserver refused a child: plan again, with its words in the status.
         if plan.workload_kind is not None:
             for stale in WORKLOAD_KINDS:
                 if stale != plan.workload_kind:
                     wrote.append(await self._remove_stale(state, stale, namespace, name))
+            wrote += await self._remove_stale_claim_templates(state, plan, namespace)
         if plan.endpoints != state.endpoints:
             state.endpoints = plan.endpoints
             for other in others:
@@ -713,6 +735,21 @@ class AgentController:
             if not item["metadata"].get("deletionTimestamp"):
                 facts = pod_facts(item)
                 pods.setdefault(facts.name, facts)
+        if _asks_for_dra_claims(state.body):
+            # Claim templates of ours from before this process (a GPU request changed meanwhile).
+            templates = None
+            with contextlib.suppress(kube_client.NotFound):  # no DRA here: the apply says so
+                templates = await self.kube.request(
+                    "GET",
+                    f"/apis/{agent_workload.RESOURCE_API_VERSION}/namespaces/{namespace}/"
+                    "resourceclaimtemplates",
+                    params={"labelSelector": f"{constants.AGENT_LABEL}={name}"},
+                )
+            state.claim_templates.update(
+                str(item["metadata"]["name"])
+                for item in (templates or {}).get("items") or ()
+                if is_owned_by(item, state.body)
+            )
         for kind in WORKLOAD_KINDS:
             if (kind, key) not in self.workloads:
                 live = await self.kube.get(
@@ -724,6 +761,57 @@ class AgentController:
                     # Known absent: no second read before creating it or deciding it is not
                     # stale. If it appears meanwhile, workload_changed forgets this.
                     state.applied.setdefault((kind, name), "")
+
+    async def _ensure_children(self, state: _AgentState, plan: AgentPlan) -> list[bool] | None:
+        """Apply the plan's children in order; None when the apiserver refused a claim template
+        (remembered in ``state.refused``; the rest is not applied)."""
+        wrote = []
+        for child, digest in zip(plan.children, plan.hashes, strict=True):
+            try:
+                wrote.append(await self._ensure_child(state, child, digest))
+            except kube_client.KubeError as error:
+                if child["kind"] != CLAIM_TEMPLATE_KIND or error.status not in (404, 422):
+                    raise
+                state.refused[digest] = (
+                    "this cluster does not serve resource.k8s.io/v1 (Dynamic Resource "
+                    "Allocation needs Kubernetes 1.34 or later)"
+                    if error.status == 404
+                    else str(error).removeprefix(f"{error.status}: ")
+                )
+                logger.warning(
+                    "agent %s: GPU claim template refused: %s",
+                    _key(state.body),
+                    state.refused[digest],
+                )
+                return None
+            if child["kind"] == CLAIM_TEMPLATE_KIND:
+                state.claim_templates.add(str(child["metadata"]["name"]))
+        return wrote
+
+    async def _remove_stale_claim_templates(
+        self, state: _AgentState, plan: AgentPlan, namespace: str
+    ) -> list[bool]:
+        """Delete our claim templates the new pod template no longer names (templates are
+        immutable, so a changed GPU request made a new one). Claims already made from them
+        belong to their pods and stay."""
+        current = {
+            str(child["metadata"]["name"])
+            for child in plan.children
+            if child["kind"] == CLAIM_TEMPLATE_KIND
+        }
+        deleted = []
+        for stale in sorted(state.claim_templates - current):
+            await self.kube.delete(
+                api_version=agent_workload.RESOURCE_API_VERSION,
+                kind=CLAIM_TEMPLATE_KIND,
+                namespace=namespace,
+                name=stale,
+            )
+            self.writes += 1
+            state.claim_templates.discard(stale)
+            logger.info("agent %s: deleted its former claim template %s", _key(state.body), stale)
+            deleted.append(True)
+        return deleted
 
     async def _ensure_child(self, state: _AgentState, child: dict[str, Any], digest: str) -> bool:
         """Apply the child unless it is known (or found) to be applied already; True = wrote."""
@@ -823,6 +911,12 @@ def _agent_key_of(body: Mapping[str, Any]) -> str | None:
     metadata = body.get("metadata") or {}
     agent = (metadata.get("labels") or {}).get(constants.AGENT_LABEL)
     return f"{metadata.get('namespace')}/{agent}" if agent else None
+
+
+def _asks_for_dra_claims(agent: Mapping[str, Any]) -> bool:
+    """Whether the Agent's (unvalidated) spec asks for GPUs through an operator-made claim."""
+    runner = (agent.get("spec") or {}).get("runner") or {}
+    return bool((runner.get("gpus") or {}).get("deviceClassName"))
 
 
 def _generation(body: Mapping[str, Any] | None) -> int:

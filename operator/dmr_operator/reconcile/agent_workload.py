@@ -26,6 +26,9 @@ Choices, and why:
   asked to keep, and keeps them when replicas shrink (scaling back up finds the models).
   ``storage.retainOnDelete`` keeps them on delete too. Without ``storage.size`` it is a
   Deployment with an emptyDir store (models pulled again whenever a pod is replaced).
+- GPUs through DRA (``runner.gpus.deviceClassName``): a ResourceClaimTemplate named after a hash
+  of what it asks for, since the apiserver refuses any change to a template's spec; a changed
+  request is a new template (and a new pod template pointing at it), never a failed update.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ _SECRET_NAME: Final = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL",
 
 WorkloadKind = Literal["Deployment", "StatefulSet"]
 
+RESOURCE_API_VERSION: Final = "resource.k8s.io/v1"
+# The pod's name for its GPU claim, referenced by the model-runner container's resources.claims.
+GPU_CLAIM: Final = "gpus"
+
 
 def configmap_name(agent: str) -> str:
     return f"{agent}-config"
@@ -101,11 +108,12 @@ def workload_kind(spec: agent_api.AgentSpec) -> WorkloadKind:
 
 
 def runner_problems(spec: agent_api.AgentSpec) -> list[str]:
-    """Sidecar-only runner fields on a Pool-mode Agent (the CRD's admission rule, for clusters
-    and objects it did not check): they would be ignored without a word."""
+    """Sidecar-only runner fields on a Pool-mode Agent, and GPU requests that contradict
+    themselves (the CRD's admission rules, for clusters and objects they did not check): they
+    would be ignored without a word."""
     runner = spec.runner
     if runner.mode == "Sidecar":
-        return []
+        return _gpu_problems(runner.gpus) if runner.gpus is not None else []
     given = [
         name
         for name, value in (
@@ -120,6 +128,21 @@ def runner_problems(spec: agent_api.AgentSpec) -> list[str]:
         "mode uses the DMRModels' runner pools"
         for name in given
     ]
+
+
+def _gpu_problems(gpus: agent_api.SidecarGpus) -> list[str]:
+    problems = []
+    if gpus.device_class_name and gpus.resource_claim_template_name:
+        problems.append(
+            "spec.runner.gpus.resourceClaimTemplateName: deviceClassName (a claim template the "
+            "operator makes) and resourceClaimTemplateName (your own) exclude each other"
+        )
+    if gpus.selectors and not gpus.device_class_name:
+        problems.append(
+            "spec.runner.gpus.selectors: selectors narrow down the devices of deviceClassName; "
+            "set deviceClassName too"
+        )
+    return problems
 
 
 def env_problems(spec: agent_api.AgentSpec) -> list[str]:
@@ -192,6 +215,40 @@ def render_service(*, agent: str, namespace: str) -> dict[str, Any]:
     }
 
 
+def claim_template_name(agent: str, gpus: agent_api.SidecarGpus) -> str:
+    """The GPU claim template the pods use: the user's own, or ours named by what it asks for."""
+    if gpus.resource_claim_template_name:
+        return gpus.resource_claim_template_name
+    request = [gpus.device_class_name, gpus.count, *gpus.selectors]
+    digest = hashlib.sha256(repr(request).encode()).hexdigest()[:8]
+    return f"{agent}-gpus-{digest}"
+
+
+def render_claim_template(
+    *, agent: str, namespace: str, spec: agent_api.AgentSpec
+) -> dict[str, Any] | None:
+    """The ResourceClaimTemplate for a Sidecar runner's DRA GPUs (None when it needs none)."""
+    gpus = spec.runner.gpus
+    if spec.runner.mode != "Sidecar" or gpus is None or not gpus.device_class_name:
+        return None
+    exactly: dict[str, Any] = {
+        "deviceClassName": gpus.device_class_name,
+        "allocationMode": "ExactCount",
+        "count": gpus.count,
+    }
+    if gpus.selectors:
+        exactly["selectors"] = [{"cel": {"expression": e}} for e in gpus.selectors]
+    return {
+        "apiVersion": RESOURCE_API_VERSION,
+        "kind": "ResourceClaimTemplate",
+        "metadata": _metadata(claim_template_name(agent, gpus), namespace, agent),
+        "spec": {
+            "metadata": {"labels": labels(agent)},
+            "spec": {"devices": {"requests": [{"name": "gpu", "exactly": exactly}]}},
+        },
+    }
+
+
 def desired_replicas(spec: agent_api.AgentSpec, *, models_ready: bool) -> int:
     """Pool mode waits for Ready models at 0 replicas; sidecar pods wait behind their gate."""
     if spec.runner.mode == "Pool" and not models_ready:
@@ -230,6 +287,13 @@ def render_workload(
         # obstacle to the pod's termination; its readiness still counts for the pod's.
         pod_spec["initContainers"] = [_runner_container(spec.runner) | {"restartPolicy": "Always"}]
         pod_spec["readinessGates"] = [{"conditionType": MODELS_CONFIGURED_CONDITION}]
+        if spec.runner.gpus is not None and spec.runner.gpus.dynamic:
+            pod_spec["resourceClaims"] = [
+                {
+                    "name": GPU_CLAIM,
+                    "resourceClaimTemplateName": claim_template_name(agent, spec.runner.gpus),
+                }
+            ]
     optional = {
         "nodeSelector": spec.node_selector or None,
         "tolerations": spec.tolerations or None,
@@ -352,7 +416,10 @@ def _runner_container(runner: agent_api.AgentRunner) -> dict[str, Any]:
 
 def _gpu_resources(runner: agent_api.AgentRunner) -> dict[str, Any]:
     resources: dict[str, Any] = {k: dict(v) for k, v in (runner.resources or {}).items()}
-    if runner.gpus is not None:
+    if runner.gpus is not None and runner.gpus.dynamic:
+        # The claim, not a resource name, gives the container its devices.
+        resources["claims"] = [{"name": GPU_CLAIM}]
+    elif runner.gpus is not None:
         # Extended resources must have requests equal to limits; setting both says so plainly.
         for section in ("limits", "requests"):
             # A quantity is a string on the wire; server-side apply refuses a bare number.

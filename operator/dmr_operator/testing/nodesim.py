@@ -5,7 +5,11 @@ Nodes with the capacity, labels and taints a test asks for (GPU nodes included) 
 the real scheduler binds to one of them, does what a kubelet would: give the pod its own loopback
 address (127.N.0.1, 127.N.0.2, ...), start the process behind the pod on it, report the pod
 Running/Ready (honouring readiness gates), restart it on :meth:`NodeSimulator.crash`, and finish
-deletions. The process behind a model-runner pod is the model-runner emulator, plugged in through a
+deletions. GPUs come either as an extended resource (``nvidia.com/gpu``, a device plugin's way) or
+as devices of a simulated DRA driver: a ResourceSlice per node that the real scheduler allocates
+ResourceClaims from; the simulator then plays the driver's kubelet plugin for the claims of the
+pods it runs (checks the allocation is for this node and pod, reports the devices in the claim's
+status). The process behind a model-runner pod is the model-runner emulator, plugged in through a
 ``PodProcessFactory``; it runs on an asyncio loop in the simulator's own thread.
 
 Neighbours: used by tests/integration fixtures and the sandbox; talks to the API server only through
@@ -22,7 +26,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -50,6 +54,49 @@ PROCESS_TIMEOUT_SECONDS = 30.0
 WATCH_TIMEOUT_SECONDS = 300
 RETRY_DELAY_SECONDS = 0.5
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+# The simulated DRA driver goes by the name of NVIDIA's (k8s-dra-driver-gpu), with the attribute
+# and capacity names it publishes, so DeviceClass and claim selectors written here read like the
+# ones people write for real GPUs.
+DRA_DRIVER = "gpu.nvidia.com"
+DRA_GROUP, DRA_VERSION = "resource.k8s.io", "v1"
+
+
+@dataclass(frozen=True)
+class SimulatedGpu:
+    """One GPU a node publishes through the simulated DRA driver."""
+
+    memory: str = "80Gi"
+    product: str = SIMULATED_GPU_PRODUCT
+    architecture: str = "Simulated"
+
+
+def resource_slice(node: str, gpus: Sequence[SimulatedGpu]) -> dict[str, Any]:
+    """The ResourceSlice a DRA driver would publish for ``node``'s GPUs (one pool per node)."""
+    return {
+        "apiVersion": f"{DRA_GROUP}/{DRA_VERSION}",
+        "kind": "ResourceSlice",
+        "metadata": {"name": f"{node}-{DRA_DRIVER}", "labels": {SIMULATED_NODE_LABEL: "true"}},
+        "spec": {
+            "driver": DRA_DRIVER,
+            "nodeName": node,
+            "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+            "devices": [
+                {
+                    "name": f"gpu-{index}",
+                    "attributes": {
+                        "type": {"string": "gpu"},
+                        "index": {"int": index},
+                        "uuid": {"string": f"GPU-{node}-{index}"},
+                        "productName": {"string": gpu.product},
+                        "architecture": {"string": gpu.architecture},
+                        "brand": {"string": "Nvidia"},
+                    },
+                    "capacity": {"memory": {"value": gpu.memory}},
+                }
+                for index, gpu in enumerate(gpus)
+            ],
+        },
+    }
 
 
 class PodProcess(Protocol):
@@ -129,6 +176,8 @@ class _SimulatedPod:
     containers: list[str]
     running: bool = False
     restart_counts: dict[str, int] = field(default_factory=dict)
+    devices: tuple[str, ...] = ()
+    """DRA devices the pod's claims were allocated, as ``driver/pool/device``."""
     container_started_at: dict[str, str] = field(default_factory=dict)
     last_terminated: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -262,6 +311,7 @@ class NodeSimulator:
     ) -> None:
         # Any: the simulator sends and reads plain JSON dicts, not the client's typed models.
         self._core: Any = kubernetes.client.CoreV1Api(api_client)
+        self._custom: Any = kubernetes.client.CustomObjectsApi(api_client)
         self._process_factory = process_factory
         self._lock = threading.RLock()
         self._nodes: dict[str, str] = {}  # name -> InternalIP
@@ -292,8 +342,13 @@ class NodeSimulator:
         pods: int = 110,
         labels: dict[str, str] | None = None,
         taints: list[dict[str, Any]] | None = None,
+        dra_gpus: Sequence[SimulatedGpu] = (),
     ) -> dict[str, Any]:
-        """Create a Ready Node; ``taints`` are Kubernetes taint dicts ({key, value, effect})."""
+        """Create a Ready Node; ``taints`` are Kubernetes taint dicts ({key, value, effect}).
+
+        ``gpus`` are advertised as the extended resource ``gpu_resource``; ``dra_gpus`` are
+        published as a ResourceSlice of the simulated DRA driver instead (claims, no resource).
+        """
         address = NODE_ADDRESSES.allocate()
         node_labels = {
             "kubernetes.io/hostname": name,
@@ -301,11 +356,11 @@ class NodeSimulator:
             "kubernetes.io/arch": "amd64",
             SIMULATED_NODE_LABEL: "true",
         }
-        if gpus:
+        if gpus or dra_gpus:
             node_labels |= {
                 GPU_PRESENT_LABEL: "true",
-                GPU_COUNT_LABEL: str(gpus),
-                GPU_PRODUCT_LABEL: SIMULATED_GPU_PRODUCT,
+                GPU_COUNT_LABEL: str(gpus or len(dra_gpus)),
+                GPU_PRODUCT_LABEL: dra_gpus[0].product if dra_gpus else SIMULATED_GPU_PRODUCT,
             }
         node_labels |= labels or {}
         resources = {"cpu": cpu, "memory": memory, "pods": str(pods), "ephemeral-storage": "100Gi"}
@@ -371,6 +426,10 @@ class NodeSimulator:
             _preload_content=False,
         )
         node: dict[str, Any] = json.loads(patched.data)
+        if dra_gpus:
+            self._custom.create_cluster_custom_object(
+                DRA_GROUP, DRA_VERSION, "resourceslices", resource_slice(name, dra_gpus)
+            )
         return node
 
     def remove_node(self, name: str) -> None:
@@ -383,6 +442,11 @@ class NodeSimulator:
             for pod in bound.items:
                 self._force_delete(pod.metadata.namespace, pod.metadata.name)
             self._ignore_missing(lambda: self._core.delete_node(name))
+            self._ignore_missing(
+                lambda: self._custom.delete_cluster_custom_object(
+                    DRA_GROUP, DRA_VERSION, "resourceslices", f"{name}-{DRA_DRIVER}"
+                )
+            )
 
     @property
     def nodes(self) -> list[str]:
@@ -401,6 +465,12 @@ class NodeSimulator:
         with self._lock:
             simulated = self._pods.get((namespace, name))
             return simulated.ip if simulated else None
+
+    def devices_of(self, namespace: str, name: str) -> tuple[str, ...]:
+        """The DRA devices (``driver/pool/device``) prepared for a running pod's claims."""
+        with self._lock:
+            simulated = self._pods.get((namespace, name))
+            return simulated.devices if simulated else ()
 
     def crash(self, namespace: str, name: str, container: str | None = None) -> int:
         """Crash and restart a container: the process restarts on the same address.
@@ -559,10 +629,77 @@ class NodeSimulator:
                 self._force_delete(*key)
                 return
             if simulated is None:
-                simulated = self._admit(pod, node=str(node))
+                devices = self._prepare_claims(pod, node=str(node))
+                if devices is None:
+                    return  # as a kubelet: containers wait until every claim is prepared
+                simulated = self._admit(pod, node=str(node), devices=devices)
             self._report_status(pod, simulated)
 
-    def _admit(self, pod: dict[str, Any], *, node: str) -> _SimulatedPod:
+    def _prepare_claims(self, pod: dict[str, Any], *, node: str) -> tuple[str, ...] | None:
+        """The kubelet plugin's NodePrepareResources for the pod's claims: the devices, or
+        None while a claim is not (yet) allocated on this node and reserved for this pod."""
+        claims = _claim_names(pod)
+        if not claims:
+            return ()
+        namespace, uid = pod["metadata"]["namespace"], pod["metadata"]["uid"]
+        devices: list[str] = []
+        for claim_name in claims:
+            if claim_name is None:
+                return None  # the resourceclaim controller has not made the claim yet
+            try:
+                claim = self._custom.get_namespaced_custom_object(
+                    DRA_GROUP, DRA_VERSION, namespace, "resourceclaims", claim_name
+                )
+            except kubernetes.client.ApiException as error:
+                if error.status == 404:
+                    return None
+                raise
+            status = claim.get("status") or {}
+            allocation = status.get("allocation") or {}
+            reserved = {entry.get("uid") for entry in status.get("reservedFor") or ()}
+            if uid not in reserved or node not in _allocated_nodes(allocation):
+                return None
+            results = (allocation.get("devices") or {}).get("results") or ()
+            devices += [f"{r['driver']}/{r['pool']}/{r['device']}" for r in results]
+            self._report_claim_devices(namespace, claim_name, results)
+        return tuple(devices)
+
+    def _report_claim_devices(
+        self, namespace: str, claim: str, results: Sequence[dict[str, Any]]
+    ) -> None:
+        """Write the prepared devices into the claim's status, as a DRA driver does."""
+        now = _now()
+        devices = [
+            {
+                "driver": result["driver"],
+                "pool": result["pool"],
+                "device": result["device"],
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "Prepared",
+                        "message": "prepared by the node simulator",
+                        "lastTransitionTime": now,
+                    }
+                ],
+            }
+            for result in results
+        ]
+        self._ignore_missing(
+            lambda: self._custom.patch_namespaced_custom_object_status(
+                DRA_GROUP,
+                DRA_VERSION,
+                namespace,
+                "resourceclaims",
+                claim,
+                {"status": {"devices": devices}},
+            )
+        )
+
+    def _admit(
+        self, pod: dict[str, Any], *, node: str, devices: tuple[str, ...] = ()
+    ) -> _SimulatedPod:
         metadata = pod["metadata"]
         now = _now()
         containers = [c["name"] for c in runner_views.running_containers(pod.get("spec", {}))]
@@ -576,6 +713,7 @@ class NodeSimulator:
             process=self._process_factory(pod) if self._process_factory else None,
             started_at=now,
             containers=containers,
+            devices=devices,
             container_started_at=dict.fromkeys(containers, now),
         )
         self._pods[(simulated.namespace, simulated.name)] = simulated
@@ -658,6 +796,30 @@ class NodeSimulator:
         except kubernetes.client.ApiException as error:
             if error.status not in (404, 409):
                 raise
+
+
+def _claim_names(pod: dict[str, Any]) -> list[str | None]:
+    """The ResourceClaim behind each of the pod's claims (None: not generated yet)."""
+    generated = {
+        entry.get("name"): entry.get("resourceClaimName")
+        for entry in (pod.get("status") or {}).get("resourceClaimStatuses") or ()
+    }
+    return [
+        claim.get("resourceClaimName") or generated.get(claim.get("name"))
+        for claim in (pod.get("spec") or {}).get("resourceClaims") or ()
+    ]
+
+
+def _allocated_nodes(allocation: dict[str, Any]) -> set[str]:
+    """Node names an allocation's node selector names (the scheduler's ``metadata.name In``)."""
+    terms = (allocation.get("nodeSelector") or {}).get("nodeSelectorTerms") or ()
+    return {
+        value
+        for term in terms
+        for field_ in term.get("matchFields") or ()
+        if field_.get("key") == "metadata.name"
+        for value in field_.get("values") or ()
+    }
 
 
 def _response_lines(response: Any) -> Iterator[str]:

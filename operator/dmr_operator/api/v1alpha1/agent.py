@@ -8,7 +8,7 @@ models, renders its docker-agent YAML and its children, and computes its status 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 from pydantic.config import JsonDict
@@ -35,20 +35,69 @@ GpuResource = Literal["nvidia.com/gpu", "amd.com/gpu"]
 
 
 class SidecarGpus(CamelModel):
-    """GPUs given to the model-runner sidecar container of each agent pod."""
+    """GPUs given to the model-runner sidecar container of each agent pod: through a device
+    plugin's extended resource (default), or through Dynamic Resource Allocation (DRA)."""
+
+    model_config = admission_rules(
+        (
+            "!has(self.deviceClassName) || !has(self.resourceClaimTemplateName)",
+            "deviceClassName (a claim template the operator makes) and resourceClaimTemplateName "
+            "(a template of your own) are two ways to ask for GPUs through DRA: give one",
+            ".resourceClaimTemplateName",
+        ),
+        (
+            "!has(self.selectors) || size(self.selectors) == 0 || has(self.deviceClassName)",
+            "selectors narrow down the devices of deviceClassName: set deviceClassName too",
+            ".selectors",
+        ),
+    )
 
     resource: GpuResource = Field(
         default="nvidia.com/gpu",
         description="Extended resource name of the GPU device plugin: nvidia.com/gpu (default) or "
-        "amd.com/gpu. Use a matching runner image (…-cuda for NVIDIA, …-rocm for AMD).",
+        "amd.com/gpu. Use a matching runner image (…-cuda for NVIDIA, …-rocm for AMD). Not "
+        "used with DRA (deviceClassName or resourceClaimTemplateName).",
     )
     count: int = Field(
         default=1,
         ge=1,
         le=16,
-        description="GPUs per pod, set as both limit and request (default 1), like the gpu.count "
-        "value of model-runner's own Helm chart.",
+        description="GPUs per pod (default 1): the extended resource's limit and request, like "
+        "the gpu.count value of model-runner's own Helm chart, or the number of devices the "
+        "DRA claim asks for with deviceClassName.",
     )
+    device_class_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=_DNS_SUBDOMAIN_PATTERN,
+        description="Ask for the GPUs through Dynamic Resource Allocation (Kubernetes 1.34+, "
+        "resource.k8s.io/v1) instead of an extended resource: the DeviceClass of your DRA driver "
+        "(e.g. gpu.nvidia.com). The operator makes a ResourceClaimTemplate "
+        "<agent>-gpus-<hash> (count devices of this class matching every selector); each pod "
+        "gets its own claim and the scheduler places it on a node that has such devices free.",
+    )
+    selectors: list[Annotated[str, Field(min_length=1, max_length=10240)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="CEL expressions a device must all satisfy (DRA, with deviceClassName), "
+        "e.g. \"device.capacity['gpu.nvidia.com'].memory.compareTo(quantity('40Gi')) >= 0\" "
+        "or \"device.attributes['gpu.nvidia.com'].productName.startsWith('NVIDIA H100')\". "
+        "The apiserver checks them when the claim template is made; a refused expression is "
+        "reported in the Agent's ConfigValid condition.",
+    )
+    resource_claim_template_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=_DNS_SUBDOMAIN_PATTERN,
+        description="Ask for the GPUs through DRA with a ResourceClaimTemplate of your own in "
+        "the Agent's namespace (e.g. one your platform team ships): each pod gets a claim made "
+        "from it for the model-runner container. count, resource and selectors are not used.",
+    )
+
+    @property
+    def dynamic(self) -> bool:
+        """True when the GPUs come through DRA claims rather than an extended resource."""
+        return self.device_class_name is not None or self.resource_claim_template_name is not None
 
 
 class SidecarStorage(CamelModel):
