@@ -174,10 +174,10 @@ def test_metadata_address_in_any_spelling_is_refused(url: str) -> None:
 
 
 async def test_allowed_name_resolving_to_a_refused_address_is_caught_at_call_time() -> None:
-    from dmr_operator.controllers import dmrmodels
+    from dmr_operator.controllers import runner_worker
 
-    assert await dmrmodels._resolved_address_problem("http://169.254.1.1:12434") is not None
-    assert await dmrmodels._resolved_address_problem("http://127.0.0.1:12434") is None
+    assert await runner_worker._resolved_address_problem("http://169.254.1.1:12434") is not None
+    assert await runner_worker._resolved_address_problem("http://127.0.0.1:12434") is None
 
 
 def test_a_service_fronts_a_pool_when_its_whole_selector_is_on_the_pool_pods() -> None:
