@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from dmr_operator import constants, metrics
+from dmr_operator import metrics
 from dmr_operator.clients import kube as kube_client
 from dmr_operator.clients import modelrunner
 from dmr_operator.dmr import references, wire
-from dmr_operator.reconcile import backends, capacity, dmrmodel
+from dmr_operator.reconcile import agent_workload, backends, capacity, dmrmodel
 from dmr_operator.reconcile import runners as runner_views
 from dmr_operator.reconcile.dmrmodel import ModelTarget, Placement, Reason
 
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 # Set by the worker once its runner has all its models; the controller starts a worker for every
 # pod that carries the gate, so a pod with no models is told so too.
-READINESS_GATE = f"{constants.GROUP}/models-configured"
+READINESS_GATE = agent_workload.MODELS_CONFIGURED_CONDITION
 
 
 @dataclass
