@@ -5,7 +5,7 @@ attributes, a memory capacity per device); the real kube-controller-manager make
 from the templates, the real kube-scheduler allocates devices by the DeviceClass's and the claim's
 CEL selectors and binds; the simulator then prepares the allocated devices as a driver's kubelet
 plugin would. Covered: a chart pool asking for a GPU of at least 40 GiB lands only on the node
-that has one, and its model is configured there; a Sidecar Agent's claim template (the operator's,
+that has one, and its model is configured there, its status naming the pool pod that waits; a Sidecar Agent's claim template (the operator's,
 named by its request) places its pods the same way, a pod with no GPU left stays Pending with the
 scheduler's words in the Agent's status; a changed request is a new template and the former one
 goes; a device selector the apiserver refuses is the Agent's ConfigValid=False.
@@ -174,6 +174,10 @@ def test_chart_pool_asking_for_a_big_gpu_lands_on_the_node_that_has_one(
 
         model = objects.wait_phase(DMRMODELS, "small", "Ready", timeout=60)
         assert [r["pod"] for r in model["status"]["runners"]] == [running.metadata.name]
+        # The pool pod that waits is in the model's status, with the scheduler's words.
+        ready = condition(model["status"], "Ready")
+        assert f"pod {pending.metadata.name} cannot be scheduled: " in ready["message"]
+        assert "cannot allocate all claims" in ready["message"]
     finally:
         for obj in chart_objects:
             if obj["kind"] == "DeviceClass":

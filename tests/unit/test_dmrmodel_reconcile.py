@@ -233,6 +233,31 @@ def test_status_without_runners_is_pending_no_runners() -> None:
     assert "dmr.dev/pool=default" in status["conditions"][2]["message"]
 
 
+def test_pool_pods_the_scheduler_cannot_place_are_named() -> None:
+    target = dmrmodel.target_from_object(body({"model": "ai/smollm2"}))
+    words = "0/2 nodes are available: 2 cannot allocate all claims."
+    waiting = [f"pod pool-{i} cannot be scheduled: {words}" for i in range(5)]
+    status = dmrmodel.model_status(
+        target, [], previous=None, endpoint=None, conflict_with=None, now="t", unschedulable=waiting
+    )
+    message = status["conditions"][2]["message"]
+    assert message.startswith("no Ready model-runner pod")
+    assert f"pod pool-0 cannot be scheduled: {words}" in message
+    assert "pool-3" not in message and message.endswith("(and 2 more)")
+    good = Placement(runner=runner("a"), state="Configured", reason=Reason.CONFIGURED, pulled=True)
+    ready = dmrmodel.model_status(
+        target,
+        [good],
+        previous=None,
+        endpoint=None,
+        conflict_with=None,
+        now="t",
+        unschedulable=waiting[:1],
+    )
+    assert ready["phase"] == "Ready"
+    assert ready["conditions"][2]["message"] == f"configured on 1 runner(s); {waiting[0]}"
+
+
 def test_invalid_spec_status() -> None:
     target = dmrmodel.target_from_object(body({"model": "m", "keepAlive": "1d"}))
     status = dmrmodel.model_status(

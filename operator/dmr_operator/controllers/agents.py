@@ -34,6 +34,7 @@ from dmr_operator.clients import kube as kube_client
 from dmr_operator.dmr import references, validation
 from dmr_operator.reconcile import agent as agent_models
 from dmr_operator.reconcile import agent_config, agent_status, agent_workload, conditions, documents
+from dmr_operator.reconcile import runners as runner_views
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +100,11 @@ def served_model(body: Mapping[str, Any]) -> agent_models.ServedModel:
 def pod_facts(body: Mapping[str, Any]) -> agent_status.PodFacts:
     status = body.get("status") or {}
     by_type = {c.get("type"): c for c in status.get("conditions") or ()}
-    scheduled = by_type.get("PodScheduled") or {}
-    unschedulable = (
-        str(scheduled.get("message") or "unschedulable")
-        if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
-        else None
-    )
     return agent_status.PodFacts(
         name=str((body.get("metadata") or {}).get("name", "")),
         phase=str(status.get("phase") or "Pending"),
         ready=(by_type.get("Ready") or {}).get("status") == "True",
-        unschedulable_message=unschedulable,
+        unschedulable_message=runner_views.unschedulable_message(body),
     )
 
 

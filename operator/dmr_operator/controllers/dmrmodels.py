@@ -133,6 +133,13 @@ class DMRModelController:
             return
         else:
             self.pods[runner.key] = runner
+        if (previous.unschedulable if previous else None) != (
+            None if deleted else runner.unschedulable
+        ):
+            # A pool pod the scheduler cannot place is never a runner, but its models say why.
+            for key, target in self.targets.items():
+                if target.namespace == runner.namespace and self._in_pool(target, runner):
+                    self.status.mark(key)
         self._namespace_changed(runner.namespace)
 
     def service_changed(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
@@ -214,18 +221,35 @@ class DMRModelController:
             return []
         if target.url:
             return [runner_views.external_runner(target.url, target.namespace)]
-        selector = target.pool_selector
-        chosen = []
-        for runner in self.pods.values():
-            if runner.namespace != target.namespace or not runner.ready:
-                continue
-            pool = runner.labels.get(constants.POOL_LABEL, "")
-            wanted_by_sidecar = target.name in self.sidecar_models.get(
-                (runner.namespace, pool), frozenset()
-            )
-            if wanted_by_sidecar or selectors.matches(selector, runner.labels):
-                chosen.append(runner)
+        chosen = [
+            runner
+            for runner in self.pods.values()
+            if runner.namespace == target.namespace
+            and runner.ready
+            and self._in_pool(target, runner)
+        ]
         return sorted(chosen, key=lambda r: r.key)
+
+    def _in_pool(self, target: ModelTarget, runner: runner_views.Runner) -> bool:
+        """Whether the runner pod belongs to the target's runners (pool selector or the
+        Sidecar Agents that need the model), whatever its readiness."""
+        if target.url:
+            return False
+        pool = runner.labels.get(constants.POOL_LABEL, "")
+        wanted_by_sidecar = target.name in self.sidecar_models.get(
+            (runner.namespace, pool), frozenset()
+        )
+        return wanted_by_sidecar or selectors.matches(target.pool_selector, runner.labels)
+
+    def unschedulable_for(self, target: ModelTarget) -> list[str]:
+        """ "pod P cannot be scheduled: <the scheduler's words>" for the target's pods that wait."""
+        return [
+            f"pod {runner.name} cannot be scheduled: {runner.unschedulable}"
+            for runner in sorted(self.pods.values(), key=lambda r: r.key)
+            if runner.unschedulable
+            and runner.namespace == target.namespace
+            and self._in_pool(target, runner)
+        ]
 
     def runners_for(self, target_key: str) -> list[runner_views.Runner]:
         return self._assignment.get(target_key, [])

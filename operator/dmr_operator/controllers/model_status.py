@@ -112,6 +112,7 @@ class StatusWriter:
             placements,
             previous=body.get("status"),
             endpoint=controller.endpoint_for(target),
+            unschedulable=controller.unschedulable_for(target),
             conflict_with=controller.conflicts.get(key),
             now=kube_client.now_rfc3339(),
         )

@@ -340,8 +340,12 @@ def model_status(
     endpoint: str | None,
     conflict_with: str | None,
     now: str,
+    unschedulable: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The complete ``status`` of a DMRModel, stable when nothing changed (no spurious writes)."""
+    """The complete ``status`` of a DMRModel, stable when nothing changed (no spurious writes).
+
+    ``unschedulable`` says which of its pool's pods the scheduler cannot place, and why: the
+    answer to "why is my model not on every pod" and, with none placed, to "why no runner"."""
     previous = previous or {}
     generation = target.generation
     base: dict[str, Any] = {
@@ -384,10 +388,15 @@ def model_status(
     configured = [p for p in placements if p.state == "Configured"]
     pulled_all = total > 0 and all(p.pulled for p in placements)
     blocking = _blocking_reason(placements)
+    waiting = "; ".join(unschedulable[:3]) + (
+        f" (and {len(unschedulable) - 3} more)" if len(unschedulable) > 3 else ""
+    )
     if total == 0:
-        phase, reason, message = "Pending", Reason.NO_RUNNERS, _no_runner_message(target)
+        message = _no_runner_message(target) + (f"; {waiting}" if waiting else "")
+        phase, reason = "Pending", Reason.NO_RUNNERS
     elif len(configured) == total:
-        phase, reason, message = "Ready", Reason.READY, f"configured on {total} runner(s)"
+        message = f"configured on {total} runner(s)" + (f"; {waiting}" if waiting else "")
+        phase, reason = "Ready", Reason.READY
     else:
         reason, message = blocking
         if configured:

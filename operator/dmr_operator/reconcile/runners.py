@@ -42,6 +42,8 @@ class Runner:
     gpus: int = 0  # GPUs its container asks for (any vendor's */gpu extended resource)
     default_keep_alive: str = DEFAULT_KEEP_ALIVE
     """model-runner's idle timeout for models without keep_alive in this runner's pod."""
+    unschedulable: str | None = None
+    """The scheduler's words while the pod cannot be placed (no GPU, no matching device)."""
 
     @property
     def address(self) -> str | None:
@@ -90,7 +92,20 @@ def runner_from_pod(pod: Mapping[str, Any]) -> Runner:
         image=str(runner_container.get("image")) if runner_container else None,
         gpus=_gpu_count(runner_container),
         default_keep_alive=_default_keep_alive(runner_container),
+        unschedulable=unschedulable_message(pod),
     )
+
+
+def unschedulable_message(pod: Mapping[str, Any]) -> str | None:
+    """The scheduler's message on a pod it cannot place (PodScheduled=False, Unschedulable),
+    e.g. "0/3 nodes are available: 3 cannot allocate all claims"; None otherwise."""
+    conditions = (pod.get("status") or {}).get("conditions") or ()
+    scheduled: Mapping[str, Any] = next(
+        (c for c in conditions if c.get("type") == "PodScheduled"), {}
+    )
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        return str(scheduled.get("message") or "unschedulable")
+    return None
 
 
 def external_runner(url: str, namespace: str) -> Runner:
