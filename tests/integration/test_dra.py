@@ -5,10 +5,11 @@ attributes, a memory capacity per device); the real kube-controller-manager make
 from the templates, the real kube-scheduler allocates devices by the DeviceClass's and the claim's
 CEL selectors and binds; the simulator then prepares the allocated devices as a driver's kubelet
 plugin would. Covered: a chart pool asking for a GPU of at least 40 GiB lands only on the node
-that has one, and its model is configured there, its status naming the pool pod that waits; a Sidecar Agent's claim template (the operator's,
-named by its request) places its pods the same way, a pod with no GPU left stays Pending with the
-scheduler's words in the Agent's status; a changed request is a new template and the former one
-goes; a device selector the apiserver refuses is the Agent's ConfigValid=False.
+that has one, and its model is configured there, its status naming the pool pod that waits; a
+Sidecar Agent's claim template (the operator's, named by its request) places its pods the same
+way, a pod with no GPU left stays Pending with the scheduler's words in the Agent's status; a
+changed request is a new template and the former one goes; a device selector the apiserver
+refuses is the Agent's ConfigValid=False.
 """
 
 from __future__ import annotations
