@@ -17,6 +17,8 @@ POOL_LABEL: Final = f"{GROUP}/pool"
 DEFAULT_POOL: Final = "default"
 # Set on every object the operator creates for an Agent.
 AGENT_LABEL: Final = f"{GROUP}/agent"
+# Set on every object the operator creates for a DMRModel (its Service, with placement).
+MODEL_LABEL: Final = f"{GROUP}/dmrmodel"
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "dmr-operator"
 

@@ -96,6 +96,13 @@ CASES: list[tuple[str, Any, str, str]] = [
         "speculative decoding is a llama.cpp feature",
     ),
     (
+        "placement-on-url",
+        {**OK, "runners": {"url": "http://gpu-box:12434"}, "placement": {"replicas": 2}},
+        "admission",
+        "placement.replicas chooses pods of a pool",
+    ),
+    ("placement-zero", {**OK, "placement": {"replicas": 0}}, "admission", "placement.replicas"),
+    (
         "diffusers-completion",
         {**OK, "backend": "diffusers", "mode": "completion"},
         "admission",

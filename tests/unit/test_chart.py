@@ -255,6 +255,8 @@ def test_cluster_wide_rbac_is_one_cluster_role() -> None:
         ("dmr.dev", "dmrmodels/status", "patch"),
         ("", "pods", "watch"),
         ("", "pods/status", "patch"),
+        ("", "pods", "patch"),  # placement labels
+        ("resource.k8s.io", "resourceclaimtemplates", "create"),  # Sidecar GPUs through DRA
         ("", "services", "create"),
         ("", "configmaps", "delete"),
         ("apps", "deployments", "create"),

@@ -66,6 +66,6 @@ def test_chart_copy_is_the_same_crd() -> None:
 def test_dmrmodel_printer_columns() -> None:
     crd = yaml.safe_load((ROOT / "crds/dmrmodels.dmr.dev.yaml").read_text())
     names = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert names == ["Model", "Backend", "Ctx", "KeepAlive", "Runners", "Phase", "Age"]
+    assert names == ["Model", "Backend", "Ctx", "KeepAlive", "Runners", "Placed", "Phase", "Age"]
     assert crd["spec"]["names"]["shortNames"] == ["dmrm"]
     assert crd["spec"]["names"]["categories"] == ["dmr"]

@@ -201,6 +201,14 @@ class KubeClient:
         body = {"status": {"conditions": [condition]}}
         return await self.request("PATCH", path, body=body, content_type=STRATEGIC_MERGE_PATCH)
 
+    async def label_pod(
+        self, *, namespace: str, name: str, labels: Mapping[str, str | None]
+    ) -> Any:
+        """Set (or, with None, remove) labels on a pod: a merge patch of its metadata only."""
+        path = f"/api/v1/namespaces/{namespace}/pods/{name}"
+        body = {"metadata": {"labels": dict(labels)}}
+        return await self.request("PATCH", path, body=body, content_type=MERGE_PATCH)
+
     async def apply(self, body: Mapping[str, Any], *, force: bool = True) -> Any:
         """Server-side apply of a namespaced object owned by the operator."""
         metadata = body["metadata"]

@@ -218,10 +218,14 @@ class ModelRunnerClient:
         response = await self._call("GET", "/models")
         return [wire.StoreModel.model_validate(item) for item in self._json(response) or []]
 
-    async def get_model(self, reference: str) -> wire.StoreModel | None:
-        """The stored model for ``reference`` (the runner also matches a bare name), or None."""
+    async def get_model(self, reference: str, *, remote: bool = False) -> wire.StoreModel | None:
+        """The stored model for ``reference`` (the runner also matches a bare name), or None.
+
+        ``remote``: what the registry says of it (``?remote=true``: size and metadata of a model
+        not pulled yet; no tags)."""
         try:
-            response = await self._call("GET", _model_path(reference))
+            params = {"remote": "true"} if remote else None
+            response = await self._call("GET", _model_path(reference), params=params)
         except NotFound:
             return None
         return wire.StoreModel.model_validate(self._json(response))

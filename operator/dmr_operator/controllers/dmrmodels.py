@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -26,10 +27,12 @@ import httpx
 from dmr_operator import constants, metrics
 from dmr_operator.clients import kube as kube_client
 from dmr_operator.clients import modelrunner
-from dmr_operator.controllers import model_status, runner_worker
+from dmr_operator.controllers import model_placement, model_status, runner_worker
 from dmr_operator.reconcile import dmrmodel, documents, selectors
 from dmr_operator.reconcile import runners as runner_views
 from dmr_operator.reconcile.dmrmodel import ModelTarget, Placement
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class DMRModelController:
         self.conflicts: dict[str, str] = {}
         self.workers: dict[str, runner_worker.RunnerWorker] = {}
         self.status = model_status.StatusWriter(self)
+        self.placer = model_placement.PlacementKeeper(self)
         self._assignment: dict[str, list[runner_views.Runner]] = {}
         self._dirty_namespaces: set[str] = set()
         self.listeners: list[Callable[[str, str], None]] = []
@@ -112,7 +116,7 @@ class DMRModelController:
             body, allowed_runner_hosts=self.settings.allowed_runner_hosts
         )
         self.targets[key] = target
-        self._namespace_changed(target.namespace)
+        self.namespace_changed(target.namespace)
         self.status.mark(key)
 
     def model_gone(self, namespace: str, name: str) -> None:
@@ -122,7 +126,7 @@ class DMRModelController:
         self.status.forget(key)
         for placement_key in [k for k in self.placements if k[0] == key]:
             del self.placements[placement_key]
-        self._namespace_changed(namespace)
+        self.namespace_changed(namespace)
 
     def pod_changed(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         runner = runner_views.runner_from_pod(body)
@@ -133,14 +137,19 @@ class DMRModelController:
             return
         else:
             self.pods[runner.key] = runner
+        if previous is not None and previous.labels != runner.labels:
+            # Placement labels decide which pods serve a placed model: its status says so.
+            for key, target in self.targets.items():
+                if target.namespace == runner.namespace and model_placement.is_placed(target):
+                    self.status.mark(key)
         if (previous.unschedulable if previous else None) != (
             None if deleted else runner.unschedulable
         ):
             # A pool pod the scheduler cannot place is never a runner, but its models say why.
             for key, target in self.targets.items():
-                if target.namespace == runner.namespace and self._in_pool(target, runner):
+                if target.namespace == runner.namespace and self.in_pool(target, runner):
                     self.status.mark(key)
-        self._namespace_changed(runner.namespace)
+        self.namespace_changed(runner.namespace)
 
     def service_changed(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         metadata = body.get("metadata") or {}
@@ -173,11 +182,11 @@ class DMRModelController:
             self.sidecar_models[key] = names
         else:
             self.sidecar_models.pop(key, None)
-        self._namespace_changed(namespace)
+        self.namespace_changed(namespace)
 
     # --- derived state --------------------------------------------------------------------------
 
-    def _namespace_changed(self, namespace: str) -> None:
+    def namespace_changed(self, namespace: str) -> None:
         self._dirty_namespaces.add(namespace)
         self._reassign()
 
@@ -186,6 +195,8 @@ class DMRModelController:
         namespaces, self._dirty_namespaces = self._dirty_namespaces, set()
         if not namespaces:
             return
+        for namespace in sorted(namespaces):
+            self.placer.replan(namespace)
         # Only same-identity targets can conflict: grouping first keeps this linear in the number
         # of DMRModels (find_conflicts compares pairs), which matters at a thousand objects.
         claims: dict[
@@ -221,16 +232,18 @@ class DMRModelController:
             return []
         if target.url:
             return [runner_views.external_runner(target.url, target.namespace)]
+        if model_placement.is_placed(target):
+            return self.placer.runners_for(target)
         chosen = [
             runner
             for runner in self.pods.values()
             if runner.namespace == target.namespace
             and runner.ready
-            and self._in_pool(target, runner)
+            and self.in_pool(target, runner)
         ]
         return sorted(chosen, key=lambda r: r.key)
 
-    def _in_pool(self, target: ModelTarget, runner: runner_views.Runner) -> bool:
+    def in_pool(self, target: ModelTarget, runner: runner_views.Runner) -> bool:
         """Whether the runner pod belongs to the target's runners (pool selector or the
         Sidecar Agents that need the model), whatever its readiness."""
         if target.url:
@@ -248,7 +261,7 @@ class DMRModelController:
             for runner in sorted(self.pods.values(), key=lambda r: r.key)
             if runner.unschedulable
             and runner.namespace == target.namespace
-            and self._in_pool(target, runner)
+            and self.in_pool(target, runner)
         ]
 
     def runners_for(self, target_key: str) -> list[runner_views.Runner]:
@@ -298,6 +311,8 @@ class DMRModelController:
         return placement
 
     def endpoint_for(self, target: ModelTarget) -> str | None:
+        if model_placement.is_placed(target):
+            return self.placer.view(target).endpoint
         if target.url:
             return f"{target.url.rstrip('/')}/v1"
         services = self.services.get(target.namespace, {}).values()
@@ -327,6 +342,8 @@ class DMRModelController:
             if (worker := self.workers.get(runner.key)) is not None
             and (state := worker.state).applied.get(key) is not None
         }
+        if model_placement.is_placed(target):
+            await self.placer.forget_labels(target)
         self.model_gone(namespace, name)
         spec = target.spec
         if spec is None or target.normalized is None or spec.deletion_policy == "Retain":
@@ -363,6 +380,30 @@ class DMRModelController:
             await self.status.event(body, "Warning", "CleanupFailed", problem + "; released anyway")
         return problems
 
+    async def release(self, target: ModelTarget, runner: runner_views.Runner) -> None:
+        """Unload a placed model from a pod it moved away from (already out of its Service);
+        the weights stay in the pod's store, a cache for the next placement there."""
+        worker = self.workers.get(runner.key)
+        applied = worker.state.applied.pop(target.key, None) if worker else None
+        others = [
+            t
+            for t in self.targets_for(runner.key)
+            if t.key != target.key and t.normalized == target.normalized
+        ]
+        if worker is not None:
+            worker.state.view_stale = True
+        self.namespace_changed(runner.namespace)
+        if others or runner.base_url is None or target.normalized is None:
+            return
+        backend = (applied.backend if applied else None) or (
+            target.spec.backend if target.spec else None
+        )
+        client = modelrunner.ModelRunnerClient(self.http, runner.base_url)
+        try:
+            await client.unload(backend=backend or "llama.cpp", models=[target.normalized])
+        except modelrunner.RunnerError as error:
+            logger.info("unloading %s from %s: %s", target.normalized, runner.key, error)
+
     async def seed(self, namespaces: Iterable[str]) -> None:
         """Load runner pods and Services once before kopf's watches deliver them.
 
@@ -396,6 +437,7 @@ class DMRModelController:
 
     async def stop(self) -> None:
         self._stopped = True
+        await self.placer.stop()
         for worker in self.workers.values():
             worker.stop()
         await asyncio.gather(*(w.join() for w in self.workers.values()), return_exceptions=True)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from dmr_operator import constants, metrics
 from dmr_operator.clients import kube as kube_client
+from dmr_operator.controllers import model_placement
 from dmr_operator.reconcile import dmrmodel
 from dmr_operator.reconcile import runners as runner_views
 from dmr_operator.reconcile.dmrmodel import ModelTarget
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from dmr_operator.controllers import dmrmodels
 
 logger = logging.getLogger(__name__)
+
+SETTLE_RETRY_SECONDS = 5.0
 
 
 class StatusWriter:
@@ -113,11 +116,20 @@ class StatusWriter:
             previous=body.get("status"),
             endpoint=controller.endpoint_for(target),
             unschedulable=controller.unschedulable_for(target),
+            placed=controller.placer.view(target) if model_placement.is_placed(target) else None,
             conflict_with=controller.conflicts.get(key),
             now=kube_client.now_rfc3339(),
         )
 
     async def _write(self, key: str) -> None:
+        target = self.controller.targets.get(key)
+        if target is not None and model_placement.is_placed(target):
+            try:  # labels and Service first: the status then says who serves
+                await self.controller.placer.settle(target)
+            except kube_client.KubeError as error:
+                logger.warning("placement of %s not settled: %s", key, error)
+                # Again in a while (not at the next flush: no loop of failing API calls).
+                asyncio.get_running_loop().call_later(SETTLE_RETRY_SECONDS, self.mark, key)
         status = self.compute(key)
         body = self.controller.bodies.get(key)
         if status is None or body is None:

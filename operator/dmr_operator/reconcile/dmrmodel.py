@@ -50,6 +50,8 @@ class Reason:
     RUNNER_BUSY = "RunnerBusy"
     INVALID_SPEC = "InvalidSpec"
     CONFLICT = "Conflict"
+    PLACING = "Placing"
+    INSUFFICIENT = "Insufficient"
 
 
 # Failures no retry can fix: the spec (or the pool's image) must change. Stalled for GitOps.
@@ -224,6 +226,11 @@ def validate_spec(spec: DMRModelSpec, *, allowed_runner_hosts: Iterable[str] = (
             problem = runners.external_url_problem(spec.runners.url, allowed_runner_hosts)
             if problem:
                 problems.append(f"spec.{problem}")
+        if spec.runners.url and spec.placement and spec.placement.replicas:
+            problems.append(
+                "spec.placement: placement.replicas chooses pods of a pool: it needs "
+                "runners.poolSelector, not url"
+            )
     return problems
 
 
@@ -332,6 +339,18 @@ class Placement:
     placement says nothing, and status is not written from it (no flapping after a restart)."""
 
 
+@dataclass(frozen=True)
+class PlacementSummary:
+    """A placed model's placement (``spec.placement.replicas``), as its status shows it."""
+
+    wanted: int
+    chosen: tuple[tuple[str, str | None], ...]  # (pod, node) the placement chose, sorted
+    serving: int  # chosen pods in the model's Service (configured there and labelled)
+    shortfall: str | None  # why it is on fewer pods than wanted, with the numbers
+    waiting: str | None  # why it is not placed yet (its size is being read)
+    endpoint: str  # the model's own Service
+
+
 def model_status(
     target: ModelTarget,
     placements: Sequence[Placement],
@@ -341,6 +360,7 @@ def model_status(
     conflict_with: str | None,
     now: str,
     unschedulable: Sequence[str] = (),
+    placed: PlacementSummary | None = None,
 ) -> dict[str, Any]:
     """The complete ``status`` of a DMRModel, stable when nothing changed (no spurious writes).
 
@@ -391,9 +411,17 @@ def model_status(
     waiting = "; ".join(unschedulable[:3]) + (
         f" (and {len(unschedulable) - 3} more)" if len(unschedulable) > 3 else ""
     )
-    if total == 0:
+    if total == 0 and placed is not None and (placed.waiting or placed.shortfall):
+        phase = "Pending"
+        reason = Reason.PLACING if placed.waiting else Reason.INSUFFICIENT
+        message = str(placed.waiting or placed.shortfall)
+    elif total == 0:
         message = _no_runner_message(target) + (f"; {waiting}" if waiting else "")
         phase, reason = "Pending", Reason.NO_RUNNERS
+    elif len(configured) == total and placed is not None and placed.shortfall:
+        # Serving where it fits, short of its replicas: not Ready, and the numbers say why.
+        message = f"configured on {total} runner(s); {placed.shortfall}"
+        phase, reason = "Degraded", Reason.INSUFFICIENT
     elif len(configured) == total:
         message = f"configured on {total} runner(s)" + (f"; {waiting}" if waiting else "")
         phase, reason = "Ready", Reason.READY
@@ -458,7 +486,13 @@ def model_status(
         totalRunners=total,
         runnersSummary=f"{len(configured)}/{total}",
         effective=dict(first.effective) if first and first.effective is not None else None,
-        endpoint=endpoint,
+        endpoint=placed.endpoint if placed is not None else endpoint,
+        placedSummary=f"{placed.serving}/{placed.wanted}"
+        if placed is not None
+        else f"{len(configured)}/{total}",
+        placement=[{"pod": pod, **({"node": node} if node else {})} for pod, node in placed.chosen]
+        if placed is not None
+        else None,
     )
     return _without_none(base)
 

@@ -39,6 +39,9 @@ class CatalogueModel:
     architecture: str | None = None
     layers: int = 1
     created: int = 1_750_000_000
+    # GGUF metadata as model-runner returns it (config.gguf, every value a string), e.g. the
+    # attention dimensions a KV-cache estimate needs; None: the store shows no gguf map.
+    gguf: Mapping[str, str] | None = None
 
     @property
     def size_label(self) -> str:
@@ -56,6 +59,8 @@ class CatalogueModel:
         ):
             if value is not None:
                 config[key] = value
+        if self.gguf is not None:
+            config["gguf"] = dict(self.gguf)
         return config
 
 

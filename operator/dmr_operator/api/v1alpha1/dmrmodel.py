@@ -112,6 +112,23 @@ class SecretKeyRef(CamelModel):
     )
 
 
+class ModelPlacement(CamelModel):
+    """How many pods of its pool hold the model: the pool as a shared, capacity-aware cache."""
+
+    replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Runner pods of the pool that hold the model (pulled, configured, verified) "
+        "and serve it. The operator chooses them where the model fits: its weights plus the KV "
+        "cache of its contextSize within a pod's free GPU memory (host memory on CPU pods) and "
+        "runner slots, never overcommitting a pod, replicas spread over nodes, placements kept "
+        "stable. Consumers reach only those pods, through the model's own Service "
+        "(status.endpoint). A model that fits nowhere is Ready=False, reason Insufficient, with "
+        "the numbers. Unset (default): every pod of the pool, through the pool's Service.",
+    )
+
+
 class Runners(CamelModel):
     """Where the model lives: model-runner pods of this namespace, or one external runner."""
 
@@ -168,6 +185,12 @@ class DMRModelSpec(CamelModel):
             "!has(self.contextSize) || self.contextSize != 0",
             "0 is ignored by model-runner; use a positive size, or -1 for unlimited",
             ".contextSize",
+        ),
+        (
+            "!has(self.placement) || !has(self.placement.replicas) || !has(self.runners)"
+            " || !has(self.runners.url)",
+            "placement.replicas chooses pods of a pool: it needs runners.poolSelector, not url",
+            ".placement",
         ),
     )
 
@@ -258,6 +281,10 @@ class DMRModelSpec(CamelModel):
         description="A Secret key whose value is sent as the pull's bearer token (gated or "
         "private Hugging Face models, private registries). Read at each pull, never stored.",
     )
+    placement: ModelPlacement | None = Field(
+        default=None,
+        description="How many pods of the pool hold the model (default: all of them).",
+    )
     warmup: bool = Field(
         default=False,
         description="Ready only once the model is loaded and answering on every runner: after "
@@ -293,6 +320,13 @@ class RunnerStatus(CamelModel):
     )
 
 
+class PlacedRunner(CamelModel):
+    """A pod the placement chose for the model."""
+
+    pod: str = Field(description="Runner pod name.")
+    node: str | None = Field(default=None, description="Node the pod runs on.")
+
+
 class DMRModelStatus(CamelModel):
     """Observed state, written by the operator."""
 
@@ -325,7 +359,19 @@ class DMRModelStatus(CamelModel):
     )
     endpoint: str | None = Field(
         default=None,
-        description="OpenAI-compatible base URL for consumers (the pool Service's /v1 alias).",
+        description="OpenAI-compatible base URL for consumers: the pool Service's /v1 alias, "
+        "or with placement.replicas the model's own Service, whose endpoints are exactly the "
+        "pods holding it.",
+    )
+    placement: list[PlacedRunner] | None = Field(
+        default=None,
+        description="With placement.replicas: the pods chosen to hold the model, and their "
+        "nodes (a pod is served from once it is Configured there).",
+    )
+    placed_summary: str | None = Field(
+        default=None,
+        description="placed/wanted (pods serving it / placement.replicas, or / pool pods), for "
+        "the PLACED printer column.",
     )
 
 
@@ -350,6 +396,7 @@ class DMRModel(CamelModel):
             {"name": "Ctx", "type": "integer", "jsonPath": ".spec.contextSize"},
             {"name": "KeepAlive", "type": "string", "jsonPath": ".spec.keepAlive"},
             {"name": "Runners", "type": "string", "jsonPath": ".status.runnersSummary"},
+            {"name": "Placed", "type": "string", "jsonPath": ".status.placedSummary"},
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],

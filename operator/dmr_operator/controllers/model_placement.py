@@ -1,0 +1,368 @@
+"""Placement of DMRModels with ``spec.placement.replicas``: which pods of the pool hold each one,
+and moving it without an outage.
+
+Role: the controller (``controllers.dmrmodels``) asks ``PlacementKeeper.replan`` for a namespace
+whenever its models or pods change, and ``runners_for`` for the runners a placed model's workers
+configure. ``replan`` feeds the pure ``reconcile.placement.place`` with what each model needs
+(``reconcile.model_memory``, from the runner's own ``GET /models/{ref}?remote=true``: the
+registry's size and GGUF metadata, before anything is pulled) and what each pod can hold
+(``reconcile.model_routing.pod_budget``, from its Node). Both are read once and cached; until
+they are known the model waits (``Placing``), nothing is guessed.
+
+Moves are make-before-break. A placed model's runners are the pods chosen now plus the pods
+still serving it (labelled ``placement.dmr.dev/<model>``), so a new pod is pulled, configured and
+verified while the old ones serve; ``settle`` (run by the status writer, after the workers report)
+labels every chosen pod that is configured, and only once all of them are, unlabels the pods no
+longer chosen (the model's Service drops them) and then unloads the model there. The label is
+the record: after an operator restart, the labelled pods are the previous placement.
+
+Neighbours: ``controllers.model_status`` calls ``settle`` and reads ``view`` (a
+``reconcile.dmrmodel.PlacementSummary``); I/O through
+``clients.kube`` (Nodes, pod labels, the model's Service) and ``clients.modelrunner``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from dmr_operator.clients import kube as kube_client
+from dmr_operator.clients import modelrunner
+from dmr_operator.reconcile import capacity, model_memory, model_routing, placement, selectors
+from dmr_operator.reconcile import runners as runner_views
+from dmr_operator.reconcile.dmrmodel import ModelTarget, PlacementSummary
+
+if TYPE_CHECKING:
+    from dmr_operator.controllers.dmrmodels import DMRModelController
+
+logger = logging.getLogger(__name__)
+
+# A model's needs that could not be read are asked again after this long (never a hot loop).
+NEEDS_RETRY_SECONDS: Final = 30.0
+# A pod whose Node cannot be read (rbac.readNodes off) is placed on by runner slots alone.
+UNKNOWN_MEMORY: Final = 2**62
+
+
+def is_placed(target: ModelTarget) -> bool:
+    """Whether the operator chooses the target's pods (``placement.replicas``), rather than
+    configuring it on every pod of its pool."""
+    spec = target.spec
+    return (
+        target.valid
+        and not target.url
+        and spec is not None
+        and spec.placement is not None
+        and spec.placement.replicas is not None
+    )
+
+
+def pool_key(target: ModelTarget) -> str:
+    """Models whose selectors are equal share their pods' capacity."""
+    return json.dumps(target.pool_selector, sort_keys=True)
+
+
+class PlacementKeeper:
+    """Chosen pods per placed DMRModel, the facts they were chosen from, and the moves."""
+
+    def __init__(self, controller: DMRModelController) -> None:
+        self.controller = controller
+        self.needs: dict[tuple[str, int | None], model_memory.ModelNeeds] = {}
+        self._needs_problem: dict[tuple[str, int | None], tuple[float, str]] = {}
+        self.nodes: dict[str, Mapping[str, Any] | None] = {}
+        self.chosen: dict[str, tuple[str, ...]] = {}
+        self.shortfalls: dict[str, placement.Shortfall] = {}
+        self.waiting: dict[str, str] = {}
+        self._services: dict[str, str] = {}  # target key -> uid its Service was applied for
+        self._reading: set[object] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.reads = 0  # registry/Node reads, for benchmarks
+
+    # --- planning (sync, from the controller's reassignment) ------------------------------------
+
+    def replan(self, namespace: str) -> None:
+        controller = self.controller
+        groups: dict[str, list[ModelTarget]] = {}
+        for target in controller.targets.values():
+            if target.namespace == namespace and is_placed(target):
+                groups.setdefault(pool_key(target), []).append(target)
+        for key in [k for k in self.chosen if k.startswith(f"{namespace}/")]:
+            known = controller.targets.get(key)
+            if known is None or not is_placed(known):
+                self.forget(key)
+        for pool, targets in groups.items():
+            self._replan_pool(namespace, pool, targets)
+
+    def _replan_pool(self, namespace: str, pool: str, targets: list[ModelTarget]) -> None:
+        controller = self.controller
+        runners = sorted(
+            (
+                runner
+                for runner in controller.pods.values()
+                if runner.namespace == namespace
+                and runner.ready
+                and controller.in_pool(targets[0], runner)
+            ),
+            key=lambda r: r.key,
+        )
+        pods = [pod for runner in runners if (pod := self._budget(runner, pool)) is not None]
+        demands = []
+        for target in targets:
+            needs = self._needs(target, runners)
+            if needs is None:
+                continue
+            spec = target.spec
+            assert spec is not None and spec.placement is not None
+            demands.append(
+                placement.ModelDemand(
+                    key=target.key,
+                    pool=pool,
+                    replicas=int(spec.placement.replicas or 0),
+                    needs=needs,
+                )
+            )
+        # Holdings: the pods serving each model now (its label), the record across restarts.
+        holdings = {
+            pod.key: frozenset(t.key for t in targets if self.labelled(t, controller.pods[pod.key]))
+            for pod in pods
+        }
+        pods = [dataclasses.replace(pod, holdings=holdings[pod.key]) for pod in pods]
+        result = placement.place(demands, pods, previous=self.chosen)
+        for demand in demands:
+            chosen = result.pods.get(demand.key, ())
+            shortfall = result.shortfalls.get(demand.key)
+            before = (self.chosen.get(demand.key), self.shortfalls.get(demand.key))
+            if before != (chosen, shortfall):
+                controller.status.mark(demand.key)
+            self.chosen[demand.key] = chosen
+            if shortfall is None:
+                self.shortfalls.pop(demand.key, None)
+            else:
+                self.shortfalls[demand.key] = shortfall
+
+    def _budget(self, runner: runner_views.Runner, pool: str) -> placement.RunnerPod | None:
+        """The pod's budget, less what models on every pod of the pool (no placement) take:
+        a runner slot each."""
+        if runner.node is None:
+            return None
+        if runner.node not in self.nodes:
+            self._read_node(runner.node)
+            return None
+        node = self.nodes[runner.node]
+        budget = model_routing.pod_budget(runner, node, pool=pool) if node is not None else None
+        if budget is None:
+            budget = placement.RunnerPod(
+                key=runner.key,
+                pool=pool,
+                node=runner.node,
+                slots=capacity.MAX_SLOTS,
+                gpu_memory_bytes=0,
+                host_memory_bytes=UNKNOWN_MEMORY,
+            )
+        everywhere = sum(1 for t in self.controller.targets_for(runner.key) if not is_placed(t))
+        return dataclasses.replace(budget, slots=max(0, budget.slots - everywhere))
+
+    def _needs(
+        self, target: ModelTarget, runners: list[runner_views.Runner]
+    ) -> model_memory.ModelNeeds | None:
+        spec = target.spec
+        assert spec is not None and target.normalized is not None
+        key = (target.normalized, spec.context_size)
+        needs = self.needs.get(key)
+        if needs is not None:
+            self.waiting.pop(target.key, None)
+            return needs
+        problem = self._needs_problem.get(key)
+        if problem is not None and problem[0] > self.controller.clock():
+            self._wait(target, problem[1])
+            return None
+        if not runners:
+            self._wait(target, "waiting for a Ready runner of its pool to read its size from")
+            return None
+        self._wait(target, f"reading the size of {target.normalized} from the registry")
+        self._read_needs(key, target, runners[0])
+        return None
+
+    def _wait(self, target: ModelTarget, why: str) -> None:
+        if self.waiting.get(target.key) != why:
+            self.waiting[target.key] = why
+            self.controller.status.mark(target.key)
+
+    # --- reads (async, once each) ---------------------------------------------------------------
+
+    def _spawn(self, what: object, coroutine: Any) -> None:
+        if what in self._reading:
+            coroutine.close()
+            return
+        self._reading.add(what)
+
+        async def run() -> None:
+            try:
+                await coroutine
+            finally:
+                self._reading.discard(what)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _read_node(self, name: str) -> None:
+        async def read() -> None:
+            self.reads += 1
+            try:
+                node = await self.controller.kube.get(
+                    api_version="v1", kind="Node", namespace="", name=name
+                )
+            except kube_client.KubeError as error:  # e.g. rbac.readNodes off
+                logger.info("node %s unreadable, placing by runner slots alone: %s", name, error)
+                node = None
+            self.nodes[name] = node
+            self._replan_all()
+
+        self._spawn(("node", name), read())
+
+    def _read_needs(
+        self, key: tuple[str, int | None], target: ModelTarget, runner: runner_views.Runner
+    ) -> None:
+        reference, context_size = key
+
+        async def read() -> None:
+            self.reads += 1
+            assert runner.base_url is not None
+            client = modelrunner.ModelRunnerClient(self.controller.http, runner.base_url)
+            needs = None
+            try:
+                model = await client.get_model(reference, remote=True)
+                if model is None or model.config.size is None:
+                    model = await client.get_model(reference) or model
+                if model is not None:
+                    needs = model_memory.needs_of(model, context_size=context_size)
+                problem = None if needs else f"runner {runner.name} knows no size of {reference}"
+            except modelrunner.RunnerError as error:
+                problem = f"could not read the size of {reference} from {runner.name}: {error}"
+            if needs is not None:
+                self.needs[key] = needs
+                self._needs_problem.pop(key, None)
+            else:
+                retry_at = self.controller.clock() + NEEDS_RETRY_SECONDS
+                self._needs_problem[key] = (retry_at, f"{problem}; asking again in 30 s")
+                asyncio.get_running_loop().call_later(NEEDS_RETRY_SECONDS, self._replan_all)
+            self._replan_all()
+
+        self._spawn(("needs", key), read())
+
+    def _replan_all(self) -> None:
+        namespaces = {t.namespace for t in self.controller.targets.values() if is_placed(t)}
+        for namespace in namespaces:
+            self.controller.namespace_changed(namespace)
+
+    # --- what the controller and the status writer ask ------------------------------------------
+
+    def runners_for(self, target: ModelTarget) -> list[runner_views.Runner]:
+        """The chosen pods, and the pods still serving the model until the move is done."""
+        chosen = set(self.chosen.get(target.key, ()))
+        return sorted(
+            (
+                runner
+                for runner in self.controller.pods.values()
+                if runner.namespace == target.namespace
+                and runner.ready
+                and (runner.key in chosen or self.labelled(target, runner))
+            ),
+            key=lambda r: r.key,
+        )
+
+    @staticmethod
+    def labelled(target: ModelTarget, runner: runner_views.Runner) -> bool:
+        return runner.labels.get(model_routing.placement_label(target.name)) == "true"
+
+    def view(self, target: ModelTarget) -> PlacementSummary:
+        spec = target.spec
+        assert spec is not None and spec.placement is not None
+        pods = self.controller.pods
+        chosen = self.chosen.get(target.key, ())
+        shortfall = self.shortfalls.get(target.key)
+        return PlacementSummary(
+            wanted=int(spec.placement.replicas or 0),
+            chosen=tuple(
+                (key.split("/", 1)[-1], pods[key].node if key in pods else None) for key in chosen
+            ),
+            serving=sum(1 for key in chosen if key in pods and self.labelled(target, pods[key])),
+            shortfall=placement.shortfall_message(shortfall) if shortfall else None,
+            waiting=None if target.key in self.chosen else self.waiting.get(target.key),
+            endpoint=model_routing.model_service_endpoint(target.name, target.namespace),
+        )
+
+    async def settle(self, target: ModelTarget) -> None:
+        """Label the chosen pods the model is configured on; once all are, let the others go."""
+        controller = self.controller
+        chosen = self.chosen.get(target.key)
+        if chosen is None:
+            return
+        await self._ensure_service(target)
+        label = model_routing.placement_label(target.name)
+        configured = []
+        for key in chosen:
+            runner = controller.pods.get(key)
+            done = controller.placements.get((target.key, key))
+            if runner is None or done is None or done.state != "Configured":
+                continue
+            configured.append(key)
+            if not self.labelled(target, runner):
+                await self._label(runner, {label: "true"})
+        if len(configured) < len(chosen) or not chosen:
+            return  # the old copies serve until every new one does
+        for runner in list(controller.pods.values()):
+            if (
+                runner.namespace == target.namespace
+                and runner.key not in chosen
+                and self.labelled(target, runner)
+            ):
+                # Out of the Service first, then out of memory: no request meets an unload.
+                await self._label(runner, {label: None})
+                await controller.release(target, runner)
+
+    async def forget_labels(self, target: ModelTarget) -> None:
+        """A deleted model: its label comes off every pod (its Service goes with it)."""
+        label = model_routing.placement_label(target.name)
+        for runner in list(self.controller.pods.values()):
+            if runner.namespace == target.namespace and self.labelled(target, runner):
+                await self._label(runner, {label: None})
+        self.forget(target.key)
+
+    def forget(self, key: str) -> None:
+        self.chosen.pop(key, None)
+        self.shortfalls.pop(key, None)
+        self.waiting.pop(key, None)
+        self._services.pop(key, None)
+
+    async def _label(self, runner: runner_views.Runner, labels: Mapping[str, str | None]) -> None:
+        try:
+            await self.controller.kube.label_pod(
+                namespace=runner.namespace, name=runner.name, labels=labels
+            )
+        except kube_client.NotFound:
+            return  # the pod is gone; so is its place in the Service
+        logger.info("pod %s: labels %s", runner.key, dict(labels))
+
+    async def _ensure_service(self, target: ModelTarget) -> None:
+        body = self.controller.bodies.get(target.key) or {}
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        if self._services.get(target.key) == uid:
+            return
+        service = model_routing.render_model_service(
+            model_name=target.name,
+            namespace=target.namespace,
+            pool_labels=selectors.implied_labels(target.pool_selector),
+            owner=body,
+        )
+        await self.controller.kube.apply(service)
+        self._services[target.key] = uid
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,207 @@
+"""DMRModels placed on some pods of a pool by capacity, on the real control plane.
+
+A pool of GPU runner pods on simulated nodes of two GPU sizes (GPU feature discovery's
+``nvidia.com/gpu.memory`` label), each pod served by a model-runner emulator whose registry
+knows models with GGUF metadata. Covered: ``placement.replicas: 2`` puts the model on two pods
+with a GPU it fits (never the small one), spread over nodes; only those pods carry its label and
+its own Service selects exactly them; the other pods never hear of it; status lists the
+placement and PLACED says 2/2. A model that fits nowhere is Pending/Insufficient with the
+numbers. A chosen pod lost with its node: the model is configured on another big pod while the
+surviving pod keeps serving (it never loses its label), then serves from two pods again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes
+import pytest
+
+from dmr_operator import constants
+from dmr_operator.reconcile import model_routing
+from dmr_operator.testing import cluster, emulator_state
+from dmr_operator.testing.emulator import ModelRunnerEmulator
+from dmr_operator.testing.operatorprocess import OperatorProcess
+from dmr_operator.testing.waiting import wait_for
+
+DMRMODELS = constants.DMRMODEL_PLURAL
+GIB = 2**30
+
+
+def _gguf(layers: int, kv_heads: int, head_dim: int) -> dict[str, str]:
+    return {
+        "general.architecture": "llama",
+        "llama.block_count": str(layers),
+        "llama.attention.head_count": str(kv_heads * 4),
+        "llama.attention.head_count_kv": str(kv_heads),
+        "llama.attention.key_length": str(head_dim),
+        "llama.attention.value_length": str(head_dim),
+        "llama.embedding_length": str(kv_heads * 4 * head_dim),
+        "llama.context_length": "8192",
+    }
+
+
+# 12 GiB of weights + 1 GiB of KV cache at 8192 tokens (32 layers x 8 heads x 128 x 2 x 2 bytes
+# x 8192 = 1 GiB): fits a 24 GiB GPU, not an 8 GiB one.
+MEDIUM = emulator_state.CatalogueModel(
+    reference="docker.io/ai/medium:latest",
+    digest=emulator_state.fake_digest("medium"),
+    size=12 * GIB,
+    context_size=8192,
+    gguf=_gguf(32, 8, 128),
+)
+# 30 GiB of weights: no GPU of the pool holds it.
+HUGE = emulator_state.CatalogueModel(
+    reference="docker.io/ai/huge:latest",
+    digest=emulator_state.fake_digest("huge"),
+    size=30 * GIB,
+    context_size=8192,
+    gguf=_gguf(80, 8, 128),
+)
+
+
+class Emulators(cluster.EmulatorFactory):
+    """Every runner's registry also serves the models above."""
+
+    def __call__(self, pod: dict[str, Any]) -> ModelRunnerEmulator | None:
+        emulator = super().__call__(pod)
+        if emulator is not None:
+            for model in (MEDIUM, HUGE):
+                emulator.catalogue.setdefault(model.reference, model)
+        return emulator
+
+
+@pytest.fixture
+def emulators() -> Emulators:
+    return Emulators()
+
+
+@pytest.fixture
+def core(api_client: Any) -> Any:
+    return kubernetes.client.CoreV1Api(api_client)
+
+
+@pytest.fixture
+def pool(
+    api_client: Any, node_simulator: Any, namespace: str, emulators: Emulators
+) -> dict[str, str]:
+    """Three nodes with a 24 GiB GPU and one with an 8 GiB GPU; one runner pod per node.
+    Returns pod name -> node name."""
+    for index in range(3):
+        node_simulator.add_node(
+            f"{namespace}-big-{index}", gpus=1, labels={"nvidia.com/gpu.memory": "24576"}
+        )
+    node_simulator.add_node(f"{namespace}-small", gpus=1, labels={"nvidia.com/gpu.memory": "8192"})
+    cluster.create_runner_pool(api_client, namespace=namespace, replicas=4, gpus=1)
+    names = cluster.wait_for_runner_pods(api_client, namespace, constants.DEFAULT_POOL, 4)
+    core = kubernetes.client.CoreV1Api(api_client)
+    return {name: core.read_namespaced_pod(name, namespace).spec.node_name for name in names}
+
+
+def labelled_pods(core: Any, namespace: str, model: str) -> set[str]:
+    selector = f"{model_routing.placement_label(model)}=true"
+    pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+    return {p.metadata.name for p in pods if p.metadata.deletion_timestamp is None}
+
+
+def placed_ready(objects: cluster.CustomObjects, name: str, count: int) -> Any:
+    def ready() -> dict[str, Any] | None:
+        status = objects.status(DMRMODELS, name)
+        done = status.get("phase") == "Ready" and status.get("placedSummary") == f"{count}/{count}"
+        return status if done else None
+
+    try:
+        return wait_for(ready, timeout=60, message=f"{name} Ready and placed {count}/{count}")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; status now: {objects.status(DMRMODELS, name)}") from None
+
+
+def test_a_model_is_placed_where_it_fits_and_served_only_there(
+    namespace: str,
+    pool: dict[str, str],
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+    core: Any,
+    emulators: Emulators,
+) -> None:
+    objects.create(
+        DMRMODELS, cluster.dmrmodel("medium", {"model": "ai/medium", "placement": {"replicas": 2}})
+    )
+    status = placed_ready(objects, "medium", 2)
+    chosen = {entry["pod"] for entry in status["placement"]}
+    assert len(chosen) == 2
+    nodes = {pool[pod] for pod in chosen}
+    assert all("-big-" in node for node in nodes)  # never the 8 GiB GPU
+    assert len(nodes) == 2  # spread over nodes
+    assert labelled_pods(core, namespace, "medium") == chosen
+    assert {r["pod"] for r in status["runners"]} == chosen
+    # Its own Service, selecting the pool and its label: exactly the chosen pods.
+    service_name = model_routing.model_service_name("medium")
+    assert status["endpoint"] == f"http://{service_name}.{namespace}.svc:80/v1"
+    service = core.read_namespaced_service(service_name, namespace)
+    assert service.spec.selector == {
+        constants.POOL_LABEL: constants.DEFAULT_POOL,
+        model_routing.placement_label("medium"): "true",
+    }
+    assert service.metadata.owner_references[0].kind == constants.DMRMODEL_KIND
+    # The pods not chosen never got the model, not even pulled.
+    runners = emulators.in_namespace(namespace)
+    for pod in set(pool) - chosen:
+        assert runners[pod].calls("POST", "/models/create") == [], pod
+        assert runners[pod].calls("POST", "/engines/llama.cpp/_configure") == [], pod
+
+
+def test_a_model_that_fits_nowhere_says_so_with_the_numbers(
+    namespace: str,
+    pool: dict[str, str],
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    objects.create(
+        DMRMODELS, cluster.dmrmodel("huge", {"model": "ai/huge", "placement": {"replicas": 1}})
+    )
+
+    def insufficient() -> dict[str, Any] | None:
+        status = objects.status(DMRMODELS, "huge")
+        ready = [c for c in status.get("conditions") or () if c["type"] == "Ready"]
+        return ready[0] if ready and ready[0]["reason"] == "Insufficient" else None
+
+    ready = wait_for(insufficient, timeout=60, message="huge Ready=False Insufficient")
+    assert ready["status"] == "False"
+    assert "placed on 0 of 1 pods: needs 32.6 GiB" in ready["message"]
+    assert "GiB, largest free 24.0 GiB on pod" in ready["message"]
+    status = objects.status(DMRMODELS, "huge")
+    assert status["phase"] == "Pending"
+    assert status["placedSummary"] == "0/1"
+
+
+def test_a_lost_pod_is_replaced_before_the_survivor_stops_serving(
+    namespace: str,
+    pool: dict[str, str],
+    node_simulator: Any,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+    core: Any,
+) -> None:
+    objects.create(
+        DMRMODELS, cluster.dmrmodel("medium", {"model": "ai/medium", "placement": {"replicas": 2}})
+    )
+    status = placed_ready(objects, "medium", 2)
+    lost, survivor = sorted(entry["pod"] for entry in status["placement"])
+    node_simulator.remove_node(pool[lost])
+    spare = next(
+        pod for pod, node in pool.items() if "-big-" in node and pod not in (lost, survivor)
+    )
+
+    def moved() -> set[str] | None:
+        serving = labelled_pods(core, namespace, "medium")
+        # Never an outage: the survivor keeps serving the whole time.
+        assert survivor in serving, f"{survivor} stopped serving during the move: {serving}"
+        status = objects.status(DMRMODELS, "medium")
+        done = serving == {survivor, spare} and status.get("placedSummary") == "2/2"
+        return serving if done and status.get("phase") == "Ready" else None
+
+    wait_for(moved, timeout=90, message=f"medium served from {survivor} and {spare}")
+    status = objects.status(DMRMODELS, "medium")
+    assert {e["pod"] for e in status["placement"]} == {survivor, spare}
+    assert status["placedSummary"] == "2/2"
