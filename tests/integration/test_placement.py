@@ -205,3 +205,45 @@ def test_a_lost_pod_is_replaced_before_the_survivor_stops_serving(
     status = objects.status(DMRMODELS, "medium")
     assert {e["pod"] for e in status["placement"]} == {survivor, spare}
     assert status["placedSummary"] == "2/2"
+
+
+def test_an_operator_restart_keeps_the_placement_and_writes_nothing(
+    namespace: str,
+    pool: dict[str, str],
+    operator: OperatorProcess,
+    operator_kubeconfig: Any,
+    objects: cluster.CustomObjects,
+    core: Any,
+    emulators: Emulators,
+) -> None:
+    objects.create(
+        DMRMODELS, cluster.dmrmodel("medium", {"model": "ai/medium", "placement": {"replicas": 2}})
+    )
+    placed_ready(objects, "medium", 2)
+    chosen = labelled_pods(core, namespace, "medium")
+    version = (objects.get(DMRMODELS, "medium") or {})["metadata"]["resourceVersion"]
+    runners = emulators.in_namespace(namespace)
+    writes = {pod: len(runners[pod].requests) for pod in pool}
+    operator.stop()
+    with OperatorProcess(
+        kubeconfig=operator_kubeconfig, namespaces=[namespace], verify_interval=2
+    ) as restarted:
+        # Two read-backs on every chosen pod: the new process has looked at them, twice.
+        def read_back_twice() -> bool:
+            return all(
+                sum(
+                    1
+                    for r in runners[pod].requests[writes[pod] :]
+                    if (r.method, r.path) == ("GET", "/engines/_configure")
+                )
+                >= 2
+                for pod in chosen
+            )
+
+        wait_for(read_back_twice, timeout=30, message="read-backs by the restarted operator")
+        assert labelled_pods(core, namespace, "medium") == chosen, restarted.log_tail()
+        after = (objects.get(DMRMODELS, "medium") or {})["metadata"]["resourceVersion"]
+        assert after == version, restarted.log_tail()
+        for pod in pool:
+            new = runners[pod].requests[writes[pod] :]
+            assert [r.path for r in new if r.method != "GET"] == [], pod

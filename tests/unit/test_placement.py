@@ -66,7 +66,7 @@ def pod(
 def test_replicas_spread_over_nodes_before_doubling_up() -> None:
     pods = [pod("ns/a1", "a", 80 * GIB), pod("ns/a2", "a", 80 * GIB), pod("ns/b1", "b", 40 * GIB)]
     result = placement.place([model("ns/m", 10 * GIB, replicas=2)], pods)
-    # a1 has the most free memory; the second replica goes to the other node, not to a2.
+    # One replica per node first (b1 is the tighter fit, then a1 by key), never a1 and a2.
     assert result.pods == {"ns/m": ("ns/a1", "ns/b1")}
     assert result.shortfalls == {}
     three = placement.place([model("ns/m", 10 * GIB, replicas=3)], pods)
@@ -125,10 +125,15 @@ def test_the_previous_placement_is_kept_while_it_fits() -> None:
     assert placement.place([model("ns/m", 10 * GIB)], held).pods == {"ns/m": ("ns/old",)}
 
 
-def test_a_new_replica_goes_to_the_pod_with_the_most_free_memory() -> None:
-    pods = [pod("ns/p1", "a", 16 * GIB), pod("ns/p2", "b", 24 * GIB), pod("ns/p3", "c", 24 * GIB)]
+def test_a_new_replica_goes_where_free_memory_per_slot_matches_its_needs() -> None:
+    pods = [pod("ns/p1", "a", 24 * GIB), pod("ns/p2", "b", 16 * GIB), pod("ns/p3", "c", 16 * GIB)]
     result = placement.place([model("ns/m", GIB)], pods)
     assert result.pods == {"ns/m": ("ns/p2",)}  # p2 and p3 tie: the pod key decides
+    # The big pod stays free for the model only it can hold, even when it arrives later.
+    later = placement.place(
+        [model("ns/m", GIB), model("ns/big", 20 * GIB)], pods, previous=result.pods
+    )
+    assert later.pods == {"ns/big": ("ns/p1",), "ns/m": ("ns/p2",)}
 
 
 def test_a_previous_placement_outside_the_pool_is_ignored() -> None:

@@ -115,6 +115,8 @@ class DMRModelController:
         target = dmrmodel.target_from_object(
             body, allowed_runner_hosts=self.settings.allowed_runner_hosts
         )
+        if previous is None or previous.uid != target.uid:
+            self.placer.leaving.discard(key)  # a new object under the name of a deleted one
         self.targets[key] = target
         self.namespace_changed(target.namespace)
         self.status.mark(key)

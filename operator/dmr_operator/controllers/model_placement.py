@@ -78,6 +78,10 @@ class PlacementKeeper:
         self.waiting: dict[str, str] = {}
         self._services: dict[str, str] = {}  # target key -> uid its Service was applied for
         self._reading: set[object] = set()
+        # One settle or clean-up per model at a time: a label patch in flight must not land
+        # after the model's labels were taken off for its deletion.
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.leaving: set[str] = set()  # models being deleted: never placed or labelled again
         self._tasks: set[asyncio.Task[None]] = set()
         self.reads = 0  # registry/Node reads, for benchmarks
 
@@ -87,7 +91,11 @@ class PlacementKeeper:
         controller = self.controller
         groups: dict[str, list[ModelTarget]] = {}
         for target in controller.targets.values():
-            if target.namespace == namespace and is_placed(target):
+            if (
+                target.namespace == namespace
+                and is_placed(target)
+                and target.key not in self.leaving
+            ):
                 groups.setdefault(pool_key(target), []).append(target)
         for key in [k for k in self.chosen if k.startswith(f"{namespace}/")]:
             known = controller.targets.get(key)
@@ -298,6 +306,11 @@ class PlacementKeeper:
 
     async def settle(self, target: ModelTarget) -> None:
         """Label the chosen pods the model is configured on; once all are, let the others go."""
+        async with self._locks.setdefault(target.key, asyncio.Lock()):
+            if target.key not in self.leaving:
+                await self._settle(target)
+
+    async def _settle(self, target: ModelTarget) -> None:
         controller = self.controller
         chosen = self.chosen.get(target.key)
         if chosen is None:
@@ -327,11 +340,14 @@ class PlacementKeeper:
 
     async def forget_labels(self, target: ModelTarget) -> None:
         """A deleted model: its label comes off every pod (its Service goes with it)."""
-        label = model_routing.placement_label(target.name)
-        for runner in list(self.controller.pods.values()):
-            if runner.namespace == target.namespace and self.labelled(target, runner):
-                await self._label(runner, {label: None})
+        self.leaving.add(target.key)
         self.forget(target.key)
+        label = model_routing.placement_label(target.name)
+        async with self._locks.setdefault(target.key, asyncio.Lock()):
+            for runner in list(self.controller.pods.values()):
+                if runner.namespace == target.namespace and self.labelled(target, runner):
+                    await self._label(runner, {label: None})
+        self._locks.pop(target.key, None)
 
     def forget(self, key: str) -> None:
         self.chosen.pop(key, None)

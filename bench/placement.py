@@ -1,0 +1,370 @@
+"""Benchmark model placement: ``python bench/placement.py [--models 60] [--moving 20]``.
+
+On the local control plane (real kube-apiserver, controller-manager, scheduler), a pool of 8
+runner pods on simulated nodes of two GPU sizes (4 x 24 GiB, 4 x 80 GiB; one GPU each, 8 runner
+slots each), a model-runner emulator behind each pod whose registry serves models of mixed sizes
+with GGUF metadata, and the operator as its own process. Two phases:
+
+1. Pack: ``--models`` DMRModels with ``placement.replicas`` (1, every 15th 2). Measured: time to
+   all settled (Ready, or Insufficient when the pool is full), the memory the placed copies need
+   per pod against the pod's GPU (by the operator's own formula, ``reconcile.model_memory``),
+   ``_configure`` calls per placed (model, pod), and what "every model on every pod" would need.
+2. Pod loss: ``--moving`` models with 2 replicas each; one node is removed while a client sends
+   a chat completion to every model's serving pods (those its Service selects) every 0.1 s.
+   Measured: time until every model is served from 2 pods again, requests failed meanwhile.
+
+Prints a markdown table (pasted into BENCHMARKS.md by hand, with the date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kubernetes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import run as bench_run
+from dmr_operator import constants
+from dmr_operator.reconcile import model_memory, model_routing
+from dmr_operator.testing import cluster, controlplane, emulator_state, nodesim
+from dmr_operator.testing.operatorprocess import OperatorProcess
+from dmr_operator.testing.waiting import wait_for
+
+GIB = 2**30
+PLURAL = constants.DMRMODEL_PLURAL
+CONFIGURE = "/engines/llama.cpp/_configure"
+# Weights of the catalogue's models, GiB, in turn: 0.5 B to 32 B parameters at 4-8 bits.
+# Six of ten fit a 24 GiB GPU eight at a time, the others want the big GPUs: a workload the
+# pool can hold (about 305 GiB of 416, 62 of 64 runner slots) if it is packed well.
+SIZES_GIB = (0.4, 0.8, 4.0, 1.2, 6.0, 1.6, 9.0, 2.0, 14.0, 0.6)
+CONTEXT = 8192
+GPU_NODES = (("l4", 24576), ("h100", 81920))  # name, nvidia.com/gpu.memory (MiB)
+
+
+def gguf_for(size_gib: float) -> dict[str, str]:
+    """Attention dimensions of a llama-like model of that size (more layers when bigger)."""
+    layers = 24 if size_gib < 2 else 32 if size_gib < 6 else 48 if size_gib < 12 else 64
+    return {
+        "general.architecture": "llama",
+        "llama.block_count": str(layers),
+        "llama.attention.head_count": "32",
+        "llama.attention.head_count_kv": "8",
+        "llama.attention.key_length": "128",
+        "llama.attention.value_length": "128",
+        "llama.embedding_length": "4096",
+        "llama.context_length": str(CONTEXT),
+    }
+
+
+def catalogue_model(name: str, size_gib: float) -> emulator_state.CatalogueModel:
+    return emulator_state.CatalogueModel(
+        reference=f"docker.io/ai/{name}:latest",
+        digest=emulator_state.fake_digest(name),
+        size=int(size_gib * GIB),
+        context_size=CONTEXT,
+        gguf=gguf_for(size_gib),
+    )
+
+
+def needs_bytes(model: emulator_state.CatalogueModel) -> int:
+    return model_memory.model_needs(
+        weights_bytes=model.size, gguf=model.gguf, context_size=CONTEXT
+    ).total_bytes
+
+
+class PlacementBench:
+    def __init__(self, namespace: str = "bench-placement") -> None:
+        self.namespace = namespace
+        self.cp = controlplane.ControlPlane(controllers=True)
+        self.cp.start()
+        self.api = self.cp.api_client()
+        self.core: Any = kubernetes.client.CoreV1Api(self.api)
+        self.custom: Any = kubernetes.client.CustomObjectsApi(self.api)
+        cluster.apply_crds(self.api)
+        self.emulators = cluster.EmulatorFactory()
+        self.sim = nodesim.NodeSimulator(self.api, process_factory=self.emulators)
+        self.sim.wait_synced()
+        self.capacity: dict[str, int] = {}  # node -> GPU bytes
+        for kind, mib in GPU_NODES:
+            for index in range(4):
+                node = f"bench-{kind}-{index}"
+                self.sim.add_node(node, gpus=1, labels={"nvidia.com/gpu.memory": str(mib)})
+                self.capacity[node] = mib * 2**20
+        self.core.create_namespace({"metadata": {"name": namespace}})
+        wait_for(
+            lambda: self.core.read_namespaced_service_account("default", namespace),
+            timeout=30,
+            message="the default ServiceAccount",
+            ignore=(kubernetes.client.ApiException,),
+        )
+        cluster.create_runner_pool(self.api, namespace=namespace, replicas=8, gpus=1)
+        self.pods = cluster.wait_for_runner_pods(self.api, namespace, "default", 8)
+        self.node_of = {
+            pod: self.core.read_namespaced_pod(pod, namespace).spec.node_name for pod in self.pods
+        }
+        self.operator = OperatorProcess(
+            kubeconfig=self.cp.kubeconfig_path, namespaces=[namespace], verify_interval=30
+        )
+        self.operator.start()
+
+    def close(self) -> None:
+        self.operator.stop()
+        self.sim.close()
+        self.api.close()
+        self.cp.stop()
+
+    def publish(self, models: list[emulator_state.CatalogueModel]) -> None:
+        for pod in self.pods:
+            emulator = self.emulators.of(self.namespace, pod)
+            for model in models:
+                emulator.catalogue[model.reference] = model
+
+    def create(self, name: str, replicas: int) -> None:
+        body = cluster.dmrmodel(
+            name,
+            {"model": f"ai/{name}", "contextSize": CONTEXT, "placement": {"replicas": replicas}},
+        )
+        self.custom.create_namespaced_custom_object(
+            constants.GROUP, constants.VERSION, self.namespace, PLURAL, body
+        )
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        found = self.custom.list_namespaced_custom_object(
+            constants.GROUP, constants.VERSION, self.namespace, PLURAL
+        )
+        return {i["metadata"]["name"]: i.get("status") or {} for i in found["items"]}
+
+    def serving(self) -> dict[str, set[str]]:
+        """Model name -> pods its Service selects now (placement label, not terminating)."""
+        pods = self.core.list_namespaced_pod(self.namespace).items
+        held: dict[str, set[str]] = {}
+        prefix = model_routing.PLACEMENT_LABEL_PREFIX
+        for pod in pods:
+            if pod.metadata.deletion_timestamp is not None:
+                continue
+            for label, value in (pod.metadata.labels or {}).items():
+                if label.startswith(prefix) and value == "true":
+                    held.setdefault(label.removeprefix(prefix), set()).add(pod.metadata.name)
+        return held
+
+    def delete_all(self) -> None:
+        for name in self.statuses():
+            self.custom.delete_namespaced_custom_object(
+                constants.GROUP, constants.VERSION, self.namespace, PLURAL, name
+            )
+        wait_for(lambda: not self.statuses(), timeout=120, message="DMRModels deleted")
+        wait_for(lambda: not self.serving(), timeout=60, message="placement labels gone")
+
+    # --- phase 1 ------------------------------------------------------------------------------
+
+    def pack(self, count: int) -> list[tuple[str, str, str]]:
+        models = [
+            catalogue_model(f"pack-{i:03d}", SIZES_GIB[i % len(SIZES_GIB)]) for i in range(count)
+        ]
+        self.publish(models)
+        wanted = {f"pack-{i:03d}": 2 if i % 30 == 29 else 1 for i in range(count)}
+        started = time.monotonic()
+        for name, replicas in wanted.items():
+            self.create(name, replicas)
+
+        def settled() -> dict[str, dict[str, Any]] | None:
+            statuses = self.statuses()
+            reasons = [
+                next((c["reason"] for c in s.get("conditions") or () if c["type"] == "Ready"), "")
+                for s in statuses.values()
+            ]
+            done = len(statuses) == count and all(
+                s.get("phase") == "Ready" or r == "Insufficient"
+                for s, r in zip(statuses.values(), reasons, strict=True)
+            )
+            return statuses if done else None
+
+        statuses = wait_for(settled, timeout=600, interval=0.5, message="every model settled")
+        elapsed = time.monotonic() - started
+        serving = self.serving()
+        by_ref = {m.reference.split("/")[-1].split(":")[0]: m for m in models}
+        used: Counter[str] = Counter()
+        copies = 0
+        for name, pods in serving.items():
+            for pod in pods:
+                used[pod] += needs_bytes(by_ref[name])
+                copies += 1
+        configure_counts = Counter()
+        for pod in self.pods:
+            emulator = self.emulators.of(self.namespace, pod)
+            for call in emulator.calls("POST", CONFIGURE):
+                configure_counts[(call.body or {}).get("model"), pod] += 1
+        placed_pairs = {(f"ai/{n}:latest", p) for n, pods in serving.items() for p in pods}
+        exact = sum(1 for pair in placed_pairs if configure_counts[pair] == 1)
+        ready = sum(1 for s in statuses.values() if s.get("phase") == "Ready")
+        insufficient = count - ready
+        rows = [
+            ("pack: models / placements wanted", f"{count} / {sum(wanted.values())}", ""),
+            (
+                "pack: time to all settled",
+                f"{elapsed:.1f} s",
+                f"{ready} Ready, {insufficient} Insufficient",
+            ),
+            ("pack: copies placed", str(copies), f"everything everywhere: {count * 8}"),
+            (
+                "pack: _configure per placed (model, pod)",
+                f"{exact}/{len(placed_pairs)} exactly 1",
+                "",
+            ),
+        ]
+        overcommitted = 0
+        for pod in sorted(self.pods):
+            node = self.node_of[pod]
+            capacity = self.capacity[node]
+            overcommitted += used[pod] > capacity
+            rows.append(
+                (
+                    f"pack: GPU memory on {pod} ({node})",
+                    f"{used[pod] / GIB:.1f} / {capacity / GIB:.0f} GiB",
+                    f"{sum(1 for pods in serving.values() if pod in pods)} models",
+                )
+            )
+        everywhere = sum(needs_bytes(m) for m in models)
+        rows.append(
+            (
+                "pack: pods over their GPU memory",
+                str(overcommitted),
+                f"everything everywhere would need {everywhere / GIB:.0f} GiB on every pod "
+                f"(largest GPU 80 GiB) and {count} slots (8)",
+            )
+        )
+        if insufficient:
+            sample = next(
+                c["message"]
+                for s in statuses.values()
+                for c in s.get("conditions") or ()
+                if c["type"] == "Ready" and c["reason"] == "Insufficient"
+            )
+            rows.append(("pack: an Insufficient message", "", sample))
+        return rows
+
+    # --- phase 2 ------------------------------------------------------------------------------
+
+    def pod_loss(self, count: int) -> list[tuple[str, str, str]]:
+        small = [size for size in SIZES_GIB if size <= 2]
+        models = [catalogue_model(f"move-{i:03d}", small[i % len(small)]) for i in range(count)]
+        self.publish(models)
+        names = [f"move-{i:03d}" for i in range(count)]
+        for name in names:
+            self.create(name, 2)
+        wait_for(
+            lambda: (
+                all(
+                    s.get("placedSummary") == "2/2" and s.get("phase") == "Ready"
+                    for s in self.statuses().values()
+                )
+                and len(self.statuses()) == count
+            ),
+            timeout=300,
+            interval=0.5,
+            message="every moving model on 2 pods",
+        )
+        serving = self.serving()
+        per_pod = Counter(pod for pods in serving.values() for pod in pods)
+        victim = max(per_pod, key=lambda pod: (per_pod[pod], pod))
+        outcome = Counter[str]()
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(timeout=5.0) as http:
+                while not stop.is_set():
+                    for name, pods in self.serving().items():
+                        for pod in sorted(pods):
+                            address = self.sim.address_of(self.namespace, pod)
+                            # The lost pod is still in the API (and so its Service) for a
+                            # moment after its node went: requests there fail on any cluster.
+                            where = "lost pod" if pod == victim else "other pods"
+                            if address is None:
+                                outcome[f"{where}: no address"] += 1
+                                continue
+                            try:
+                                response = http.post(
+                                    f"http://{address}:{constants.RUNNER_PORT}/engines/v1/chat/completions",
+                                    json={
+                                        "model": f"ai/{name}",
+                                        "messages": [{"role": "user", "content": "hi"}],
+                                    },
+                                )
+                                outcome[
+                                    "ok"
+                                    if response.status_code == 200
+                                    else f"HTTP {response.status_code}"
+                                ] += 1
+                            except httpx.HTTPError as error:
+                                outcome[type(error).__name__] += 1
+                    stop.wait(0.1)
+
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        time.sleep(1.0)  # a baseline of requests before the loss
+        started = time.monotonic()
+        self.sim.remove_node(self.node_of[victim])
+
+        def recovered() -> bool:
+            now = self.serving()
+            statuses = self.statuses()
+            return all(
+                len(now.get(name, set()) - {victim}) == 2
+                and statuses[name].get("placedSummary") == "2/2"
+                for name in names
+            )
+
+        wait_for(recovered, timeout=300, interval=0.2, message="every model on 2 pods again")
+        elapsed = time.monotonic() - started
+        stop.set()
+        thread.join(timeout=10)
+        failed = sum(v for k, v in outcome.items() if k != "ok")
+        elsewhere = sum(v for k, v in outcome.items() if k.startswith("other pods"))
+        return [
+            (
+                "pod loss: models (2 replicas) / on the lost pod",
+                f"{count} / {per_pod[victim]}",
+                victim,
+            ),
+            ("pod loss: time until all served from 2 pods", f"{elapsed:.1f} s", ""),
+            (
+                "pod loss: requests failed during the move",
+                f"{failed} of {sum(outcome.values())} ({elsewhere} on pods still up)",
+                ", ".join(f"{k}: {v}" for k, v in sorted(outcome.items())),
+            ),
+        ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--models", type=int, default=60)
+    parser.add_argument("--moving", type=int, default=20)
+    args = parser.parse_args(argv)
+    bench = PlacementBench()
+    rows: list[tuple[str, str, str]] = []
+    try:
+        print("==> pack", flush=True)
+        rows += bench.pack(args.models)
+        bench.delete_all()
+        print("==> pod loss", flush=True)
+        rows += bench.pod_loss(args.moving)
+        rss, cpu = bench_run.proc_stats(bench.operator.pid)
+        rows.append(("operator peak RSS / CPU", f"{rss:.0f} MB / {cpu:.0f} s", ""))
+    finally:
+        bench.close()
+    print("| what | figure | notes |\n|---|---|---|")
+    for what, figure, notes in rows:
+        print(f"| {what} | {figure} | {notes} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
