@@ -240,7 +240,10 @@ def test_an_operator_restart_keeps_the_placement_and_writes_nothing(
                 for pod in chosen
             )
 
-        wait_for(read_back_twice, timeout=30, message="read-backs by the restarted operator")
+        try:
+            wait_for(read_back_twice, timeout=30, message="read-backs by the restarted operator")
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{restarted.log_tail(60)}") from None
         assert labelled_pods(core, namespace, "medium") == chosen, restarted.log_tail()
         after = (objects.get(DMRMODELS, "medium") or {})["metadata"]["resourceVersion"]
         assert after == version, restarted.log_tail()

@@ -116,7 +116,12 @@ class PlacementKeeper:
             ),
             key=lambda r: r.key,
         )
-        pods = [pod for runner in runners if (pod := self._budget(runner, pool)) is not None]
+        budgets = [self._budget(runner, pool) for runner in runners]
+        if any(budget is None for budget in budgets):
+            # A Node is still being read: placing without that pod would move models off it
+            # (after an operator restart, off pods that serve them) only to move them back.
+            return
+        pods = [budget for budget in budgets if budget is not None]
         demands = []
         for target in targets:
             needs = self._needs(target, runners)
@@ -153,9 +158,16 @@ class PlacementKeeper:
 
     def _budget(self, runner: runner_views.Runner, pool: str) -> placement.RunnerPod | None:
         """The pod's budget, less what models on every pod of the pool (no placement) take:
-        a runner slot each."""
-        if runner.node is None:
-            return None
+        a runner slot each. None while its Node is being read."""
+        if runner.node is None:  # a Ready pod is always bound; be safe anyway
+            return placement.RunnerPod(
+                key=runner.key,
+                pool=pool,
+                node="",
+                slots=0,
+                gpu_memory_bytes=0,
+                host_memory_bytes=0,
+            )
         if runner.node not in self.nodes:
             self._read_node(runner.node)
             return None
