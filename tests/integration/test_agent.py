@@ -23,7 +23,6 @@ import yaml
 from dmr_operator import constants
 from dmr_operator.reconcile import agent_workload
 from dmr_operator.testing import cluster, emulator_state, podsecurity
-from dmr_operator.testing.emulator import ModelRunnerEmulator
 from dmr_operator.testing.operatorprocess import OperatorProcess
 from dmr_operator.testing.waiting import wait_for
 
@@ -83,21 +82,11 @@ EXTRA_CATALOGUE = {
 }
 
 
-class Emulators(cluster.EmulatorFactory):
-    """The shared factory, with the golden file's two Hugging Face models in every catalogue."""
-
-    def __call__(self, pod: dict[str, Any]) -> ModelRunnerEmulator | None:
-        emulator = super().__call__(pod)
-        if emulator is not None:
-            for reference, model in EXTRA_CATALOGUE.items():
-                emulator.catalogue.setdefault(reference, model)
-        return emulator
-
-
 @pytest.fixture
-def emulators() -> Emulators:
-    """Overrides the shared fixture (conftest's pod_process_factory uses it)."""
-    return Emulators()
+def emulators() -> cluster.EmulatorFactory:
+    """Overrides the shared fixture (conftest's pod_process_factory uses it): the golden file's
+    two Hugging Face models in every runner's catalogue."""
+    return cluster.EmulatorFactory(catalogue=EXTRA_CATALOGUE.values())
 
 
 @pytest.fixture
@@ -171,7 +160,7 @@ def test_two_agent_config_is_ready_with_the_golden_rendering_and_quiet_after_res
     objects: cluster.CustomObjects,
     core: Any,
     apps: Any,
-    emulators: Emulators,
+    emulators: cluster.EmulatorFactory,
 ) -> None:
     cpu_nodes(node_simulator, namespace)
     cluster.create_runner_pool(api_client, namespace=namespace, name="default")
@@ -256,7 +245,7 @@ def test_sidecar_agent_wanting_more_gpus_than_the_nodes_have(
     operator: OperatorProcess,
     objects: cluster.CustomObjects,
     core: Any,
-    emulators: Emulators,
+    emulators: cluster.EmulatorFactory,
 ) -> None:
     for index in range(2):
         node_simulator.add_node(f"{namespace}-gpu-{index}", gpus=1)
@@ -350,7 +339,7 @@ def test_dmrmodel_change_rolls_agent_pods_and_reconfigures_runners(
     objects: cluster.CustomObjects,
     core: Any,
     apps: Any,
-    emulators: Emulators,
+    emulators: cluster.EmulatorFactory,
 ) -> None:
     ready = pool_agent(api_client, namespace, node_simulator, objects)
     old_hash = ready["status"]["configHash"]
@@ -511,7 +500,7 @@ def test_sidecar_runner_is_a_native_sidecar_restarted_and_reconfigured_on_its_ow
     operator: OperatorProcess,
     objects: cluster.CustomObjects,
     core: Any,
-    emulators: Emulators,
+    emulators: cluster.EmulatorFactory,
 ) -> None:
     cpu_nodes(node_simulator, namespace)
     objects.create(DMRMODELS, cluster.dmrmodel("small", {"model": "ai/qwen3:0.6B"}))

@@ -264,10 +264,13 @@ def test_device_selector_the_apiserver_refuses_is_the_agents_config_error(
     gpus = {"deviceClassName": device_class, "selectors": ["device.memory >"]}
     objects.create(AGENTS, sidecar_agent("bad", gpus))
 
-    def refused() -> dict[str, Any] | None:
+    def config_valid() -> dict[str, Any] | None:
         status = objects.status(AGENTS, "bad")
-        valid = [c for c in status.get("conditions") or () if c["type"] == "ConfigValid"]
-        return valid[0] if valid and valid[0]["status"] == "False" else None
+        return next((c for c in status.get("conditions") or () if c["type"] == "ConfigValid"), None)
+
+    def refused() -> dict[str, Any] | None:
+        valid = config_valid()
+        return valid if valid and valid["status"] == "False" else None
 
     valid = wait_for(refused, timeout=60, message="Agent bad ConfigValid=False")
     assert "spec.runner.gpus: the apiserver refused the GPU claim template" in valid["message"]
@@ -285,9 +288,8 @@ def test_device_selector_the_apiserver_refuses_is_the_agents_config_error(
     generation = patched["metadata"]["generation"]
 
     def planned_again() -> dict[str, Any] | None:
-        status = objects.status(AGENTS, "bad")
-        valid = [c for c in status.get("conditions") or () if c["type"] == "ConfigValid"]
-        return valid[0] if valid and valid[0].get("observedGeneration") == generation else None
+        valid = config_valid()
+        return valid if valid and valid.get("observedGeneration") == generation else None
 
     again = wait_for(planned_again, timeout=60, message="ConfigValid of the new generation")
     assert again["status"] == "False"

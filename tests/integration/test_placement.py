@@ -20,7 +20,6 @@ import pytest
 from dmr_operator import constants
 from dmr_operator.reconcile import model_routing
 from dmr_operator.testing import cluster, emulator_state
-from dmr_operator.testing.emulator import ModelRunnerEmulator
 from dmr_operator.testing.operatorprocess import OperatorProcess
 from dmr_operator.testing.waiting import wait_for
 
@@ -60,20 +59,10 @@ HUGE = emulator_state.CatalogueModel(
 )
 
 
-class Emulators(cluster.EmulatorFactory):
-    """Every runner's registry also serves the models above."""
-
-    def __call__(self, pod: dict[str, Any]) -> ModelRunnerEmulator | None:
-        emulator = super().__call__(pod)
-        if emulator is not None:
-            for model in (MEDIUM, HUGE):
-                emulator.catalogue.setdefault(model.reference, model)
-        return emulator
-
-
 @pytest.fixture
-def emulators() -> Emulators:
-    return Emulators()
+def emulators() -> cluster.EmulatorFactory:
+    """Every runner's registry also serves the models above."""
+    return cluster.EmulatorFactory(catalogue=(MEDIUM, HUGE))
 
 
 @pytest.fixture
@@ -83,7 +72,7 @@ def core(api_client: Any) -> Any:
 
 @pytest.fixture
 def pool(
-    api_client: Any, node_simulator: Any, namespace: str, emulators: Emulators
+    api_client: Any, node_simulator: Any, namespace: str, emulators: cluster.EmulatorFactory
 ) -> dict[str, str]:
     """Three nodes with a 24 GiB GPU and one with an 8 GiB GPU; one runner pod per node.
     Returns pod name -> node name."""
@@ -104,6 +93,11 @@ def labelled_pods(core: Any, namespace: str, model: str) -> set[str]:
     return {p.metadata.name for p in pods if p.metadata.deletion_timestamp is None}
 
 
+def create_placed(objects: cluster.CustomObjects, name: str, replicas: int) -> None:
+    spec = {"model": f"ai/{name}", "placement": {"replicas": replicas}}
+    objects.create(DMRMODELS, cluster.dmrmodel(name, spec))
+
+
 def placed_ready(objects: cluster.CustomObjects, name: str, count: int) -> Any:
     def ready() -> dict[str, Any] | None:
         status = objects.status(DMRMODELS, name)
@@ -122,11 +116,9 @@ def test_a_model_is_placed_where_it_fits_and_served_only_there(
     operator: OperatorProcess,
     objects: cluster.CustomObjects,
     core: Any,
-    emulators: Emulators,
+    emulators: cluster.EmulatorFactory,
 ) -> None:
-    objects.create(
-        DMRMODELS, cluster.dmrmodel("medium", {"model": "ai/medium", "placement": {"replicas": 2}})
-    )
+    create_placed(objects, "medium", 2)
     status = placed_ready(objects, "medium", 2)
     chosen = {entry["pod"] for entry in status["placement"]}
     assert len(chosen) == 2
@@ -157,9 +149,7 @@ def test_a_model_that_fits_nowhere_says_so_with_the_numbers(
     operator: OperatorProcess,
     objects: cluster.CustomObjects,
 ) -> None:
-    objects.create(
-        DMRMODELS, cluster.dmrmodel("huge", {"model": "ai/huge", "placement": {"replicas": 1}})
-    )
+    create_placed(objects, "huge", 1)
 
     def insufficient() -> dict[str, Any] | None:
         status = objects.status(DMRMODELS, "huge")
@@ -183,9 +173,7 @@ def test_a_lost_pod_is_replaced_before_the_survivor_stops_serving(
     objects: cluster.CustomObjects,
     core: Any,
 ) -> None:
-    objects.create(
-        DMRMODELS, cluster.dmrmodel("medium", {"model": "ai/medium", "placement": {"replicas": 2}})
-    )
+    create_placed(objects, "medium", 2)
     status = placed_ready(objects, "medium", 2)
     lost, survivor = sorted(entry["pod"] for entry in status["placement"])
     node_simulator.remove_node(pool[lost])
@@ -214,11 +202,9 @@ def test_an_operator_restart_keeps_the_placement_and_writes_nothing(
     operator_kubeconfig: Any,
     objects: cluster.CustomObjects,
     core: Any,
-    emulators: Emulators,
+    emulators: cluster.EmulatorFactory,
 ) -> None:
-    objects.create(
-        DMRMODELS, cluster.dmrmodel("medium", {"model": "ai/medium", "placement": {"replicas": 2}})
-    )
+    create_placed(objects, "medium", 2)
     placed_ready(objects, "medium", 2)
     chosen = labelled_pods(core, namespace, "medium")
     version = (objects.get(DMRMODELS, "medium") or {})["metadata"]["resourceVersion"]

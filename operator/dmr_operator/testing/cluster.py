@@ -20,6 +20,7 @@ import yaml
 from dmr_operator import constants
 from dmr_operator.api import crdgen
 from dmr_operator.reconcile import agent_workload
+from dmr_operator.testing import emulator_state
 from dmr_operator.testing.emulator import ModelRunnerEmulator
 from dmr_operator.testing.waiting import wait_for
 
@@ -76,8 +77,16 @@ class EmulatorFactory:
     request logs; a pod re-created under the same name gets a fresh emulator (a new store).
     """
 
-    def __init__(self, *, preload: Iterable[str] = (), default_registry: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        preload: Iterable[str] = (),
+        default_registry: str | None = None,
+        catalogue: Iterable[emulator_state.CatalogueModel] = (),
+    ) -> None:
         self.preload = tuple(preload)
+        # Models every runner's registry serves besides the emulator's own catalogue.
+        self.catalogue = tuple(catalogue)
         # Runners started with DEFAULT_REGISTRY (a mirror): their store tags carry its host.
         self.default_registry = default_registry
         self.emulators: dict[tuple[str, str], ModelRunnerEmulator] = {}
@@ -94,6 +103,8 @@ class EmulatorFactory:
                 emulator = ModelRunnerEmulator()
                 if self.default_registry:
                     emulator.store.default_registry = self.default_registry
+                for model in self.catalogue:
+                    emulator.catalogue.setdefault(model.reference, model)
                 if self.preload:
                     emulator.preload_store(*self.preload)
                 self.emulators[key] = emulator
