@@ -59,10 +59,27 @@ HUGE = emulator_state.CatalogueModel(
 )
 
 
+# 6 GiB + 0.75 GiB of KV cache fits the 8 GiB GPU alone, not with its 1.5 GiB draft beside it.
+SEVEN = emulator_state.CatalogueModel(
+    reference="docker.io/ai/seven:latest",
+    digest=emulator_state.fake_digest("seven"),
+    size=6 * GIB,
+    context_size=8192,
+    gguf=_gguf(24, 8, 128),
+)
+SEVEN_DRAFT = emulator_state.CatalogueModel(
+    reference="docker.io/ai/seven-draft:latest",
+    digest=emulator_state.fake_digest("seven-draft"),
+    size=3 * GIB // 2,
+    context_size=8192,
+    gguf=_gguf(12, 4, 64),
+)
+
+
 @pytest.fixture
 def emulators() -> cluster.EmulatorFactory:
     """Every runner's registry also serves the models above."""
-    return cluster.EmulatorFactory(catalogue=(MEDIUM, HUGE))
+    return cluster.EmulatorFactory(catalogue=(MEDIUM, HUGE, SEVEN, SEVEN_DRAFT))
 
 
 @pytest.fixture
@@ -236,3 +253,28 @@ def test_an_operator_restart_keeps_the_placement_and_writes_nothing(
         for pod in pool:
             new = runners[pod].requests[writes[pod] :]
             assert [r.path for r in new if r.method != "GET"] == [], pod
+
+
+def test_a_speculative_draft_counts_toward_what_its_model_needs(
+    namespace: str,
+    pool: dict[str, str],
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    spec = {
+        "model": "ai/seven",
+        "speculative": {"draftModel": "ai/seven-draft"},
+        "placement": {"replicas": 4},
+    }
+    objects.create(DMRMODELS, cluster.dmrmodel("seven", spec))
+
+    def three_of_four() -> dict[str, Any] | None:
+        status = objects.status(DMRMODELS, "seven")
+        ready = [c for c in status.get("conditions") or () if c["type"] == "Ready"]
+        placed = ready and ready[0]["reason"] == "Insufficient" and len(status["placement"]) == 3
+        return status if placed else None
+
+    status = wait_for(three_of_four, timeout=60, message="seven placed on the 3 big GPUs only")
+    assert all("-big-" in pool[entry["pod"]] for entry in status["placement"])
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert "placed on 3 of 4 pods" in ready["message"]

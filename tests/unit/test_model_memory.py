@@ -203,3 +203,12 @@ def test_any_metadata_gives_needs_at_least_the_weights(
     assert needs.kv_cache_bytes >= 0
     assert needs.total_bytes >= needs.weights_bytes + needs.compute_bytes
     assert needs.estimated == (needs.context_size is None)
+
+
+def test_a_model_and_its_draft_need_the_sum() -> None:
+    main = model_memory.model_needs(weights_bytes=6 * 2**30, gguf=None, context_size=4096)
+    draft = model_memory.model_needs(weights_bytes=2**30, gguf=None, context_size=4096)
+    both = model_memory.combined([main, draft])
+    assert both.total_bytes == main.total_bytes + draft.total_bytes
+    assert both.estimated and " + " in both.formula
+    assert model_memory.combined([main]) is main

@@ -188,12 +188,27 @@ class PlacementKeeper:
     def _needs(
         self, target: ModelTarget, runners: list[runner_views.Runner]
     ) -> model_memory.ModelNeeds | None:
+        """The model's needs, with its speculative draft's (loaded beside it, with the same
+        context: llama.cpp's --ctx-size-draft defaults to the model's)."""
         spec = target.spec
         assert spec is not None and target.normalized is not None
-        key = (target.normalized, spec.context_size)
+        references = [target.normalized, *([target.draft] if target.draft else [])]
+        parts = [self._needs_of(target, ref, spec.context_size, runners) for ref in references]
+        if any(part is None for part in parts):
+            return None
+        self.waiting.pop(target.key, None)
+        return model_memory.combined([part for part in parts if part is not None])
+
+    def _needs_of(
+        self,
+        target: ModelTarget,
+        reference: str,
+        context_size: int | None,
+        runners: list[runner_views.Runner],
+    ) -> model_memory.ModelNeeds | None:
+        key = (reference, context_size)
         needs = self.needs.get(key)
         if needs is not None:
-            self.waiting.pop(target.key, None)
             return needs
         problem = self._needs_problem.get(key)
         if problem is not None and problem[0] > self.controller.clock():
@@ -202,8 +217,8 @@ class PlacementKeeper:
         if not runners:
             self._wait(target, "waiting for a Ready runner of its pool to read its size from")
             return None
-        self._wait(target, f"reading the size of {target.normalized} from the registry")
-        self._read_needs(key, target, runners[0])
+        self._wait(target, f"reading the size of {reference} from the registry")
+        self._read_needs(key, runners[0])
         return None
 
     def _wait(self, target: ModelTarget, why: str) -> None:
@@ -244,9 +259,7 @@ class PlacementKeeper:
 
         self._spawn(("node", name), read())
 
-    def _read_needs(
-        self, key: tuple[str, int | None], target: ModelTarget, runner: runner_views.Runner
-    ) -> None:
+    def _read_needs(self, key: tuple[str, int | None], runner: runner_views.Runner) -> None:
         reference, context_size = key
 
         async def read() -> None:

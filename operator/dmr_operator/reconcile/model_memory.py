@@ -60,6 +60,20 @@ class ModelNeeds:
         return self.weights_bytes + self.kv_cache_bytes + self.compute_bytes
 
 
+def combined(parts: Sequence[ModelNeeds]) -> ModelNeeds:
+    """What models loaded together need (a model and its speculative draft): the sums."""
+    if len(parts) == 1:
+        return parts[0]
+    return ModelNeeds(
+        weights_bytes=sum(p.weights_bytes for p in parts),
+        kv_cache_bytes=sum(p.kv_cache_bytes for p in parts),
+        compute_bytes=sum(p.compute_bytes for p in parts),
+        context_size=parts[0].context_size,
+        estimated=any(p.estimated for p in parts),
+        formula=" + ".join(f"({p.formula})" for p in parts),
+    )
+
+
 def needs_of(model: wire.StoreModel, *, context_size: int | None) -> ModelNeeds | None:
     """What ``model`` (as a runner's store reports it) needs with the DMRModel's
     ``contextSize``; None when the store gives no readable size for its weights."""
