@@ -49,29 +49,10 @@ CONTEXT = 8192
 GPU_NODES = (("l4", 24576), ("h100", 81920))  # name, nvidia.com/gpu.memory (MiB)
 
 
-def gguf_for(size_gib: float) -> dict[str, str]:
-    """Attention dimensions of a llama-like model of that size (more layers when bigger)."""
-    layers = 24 if size_gib < 2 else 32 if size_gib < 6 else 48 if size_gib < 12 else 64
-    return {
-        "general.architecture": "llama",
-        "llama.block_count": str(layers),
-        "llama.attention.head_count": "32",
-        "llama.attention.head_count_kv": "8",
-        "llama.attention.key_length": "128",
-        "llama.attention.value_length": "128",
-        "llama.embedding_length": "4096",
-        "llama.context_length": str(CONTEXT),
-    }
-
-
 def catalogue_model(name: str, size_gib: float) -> emulator_state.CatalogueModel:
-    return emulator_state.CatalogueModel(
-        reference=f"docker.io/ai/{name}:latest",
-        digest=emulator_state.fake_digest(name),
-        size=int(size_gib * GIB),
-        context_size=CONTEXT,
-        gguf=gguf_for(size_gib),
-    )
+    """A model of that size with a llama model's attention (more layers when bigger)."""
+    layers = 24 if size_gib < 2 else 32 if size_gib < 6 else 48 if size_gib < 12 else 64
+    return emulator_state.llama_like(name, size=int(size_gib * GIB), layers=layers, context=CONTEXT)
 
 
 def needs_bytes(model: emulator_state.CatalogueModel) -> int:

@@ -27,52 +27,15 @@ DMRMODELS = constants.DMRMODEL_PLURAL
 GIB = 2**30
 
 
-def _gguf(layers: int, kv_heads: int, head_dim: int) -> dict[str, str]:
-    return {
-        "general.architecture": "llama",
-        "llama.block_count": str(layers),
-        "llama.attention.head_count": str(kv_heads * 4),
-        "llama.attention.head_count_kv": str(kv_heads),
-        "llama.attention.key_length": str(head_dim),
-        "llama.attention.value_length": str(head_dim),
-        "llama.embedding_length": str(kv_heads * 4 * head_dim),
-        "llama.context_length": "8192",
-    }
-
-
 # 12 GiB of weights + 1 GiB of KV cache at 8192 tokens (32 layers x 8 heads x 128 x 2 x 2 bytes
 # x 8192 = 1 GiB): fits a 24 GiB GPU, not an 8 GiB one.
-MEDIUM = emulator_state.CatalogueModel(
-    reference="docker.io/ai/medium:latest",
-    digest=emulator_state.fake_digest("medium"),
-    size=12 * GIB,
-    context_size=8192,
-    gguf=_gguf(32, 8, 128),
-)
+MEDIUM = emulator_state.llama_like("medium", size=12 * GIB, layers=32)
 # 30 GiB of weights: no GPU of the pool holds it.
-HUGE = emulator_state.CatalogueModel(
-    reference="docker.io/ai/huge:latest",
-    digest=emulator_state.fake_digest("huge"),
-    size=30 * GIB,
-    context_size=8192,
-    gguf=_gguf(80, 8, 128),
-)
-
-
+HUGE = emulator_state.llama_like("huge", size=30 * GIB, layers=80)
 # 6 GiB + 0.75 GiB of KV cache fits the 8 GiB GPU alone, not with its 1.5 GiB draft beside it.
-SEVEN = emulator_state.CatalogueModel(
-    reference="docker.io/ai/seven:latest",
-    digest=emulator_state.fake_digest("seven"),
-    size=6 * GIB,
-    context_size=8192,
-    gguf=_gguf(24, 8, 128),
-)
-SEVEN_DRAFT = emulator_state.CatalogueModel(
-    reference="docker.io/ai/seven-draft:latest",
-    digest=emulator_state.fake_digest("seven-draft"),
-    size=3 * GIB // 2,
-    context_size=8192,
-    gguf=_gguf(12, 4, 64),
+SEVEN = emulator_state.llama_like("seven", size=6 * GIB, layers=24)
+SEVEN_DRAFT = emulator_state.llama_like(
+    "seven-draft", size=3 * GIB // 2, layers=12, kv_heads=4, head_dim=64
 )
 
 

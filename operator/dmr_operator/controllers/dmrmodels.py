@@ -353,7 +353,7 @@ class DMRModelController:
         problems: list[str] = []
 
         async def clean(runner: runner_views.Runner) -> None:
-            others = [t for t in self.targets_for(runner.key) if t.normalized == target.normalized]
+            others = self._others_with_model(target, runner)
             backend = applied_backends.get(runner.key) or spec.backend or "llama.cpp"
             if any((t.spec and t.spec.backend) in (None, backend) for t in others):
                 return  # another DMRModel still serves this model here: leave it loaded
@@ -382,16 +382,22 @@ class DMRModelController:
             await self.status.event(body, "Warning", "CleanupFailed", problem + "; released anyway")
         return problems
 
+    def _others_with_model(
+        self, target: ModelTarget, runner: runner_views.Runner
+    ) -> list[ModelTarget]:
+        """Other DMRModels of the same model on ``runner``: unloading it would take it from them."""
+        return [
+            other
+            for other in self.targets_for(runner.key)
+            if other.key != target.key and other.normalized == target.normalized
+        ]
+
     async def release(self, target: ModelTarget, runner: runner_views.Runner) -> None:
         """Unload a placed model from a pod it moved away from (already out of its Service);
         the weights stay in the pod's store, a cache for the next placement there."""
         worker = self.workers.get(runner.key)
         applied = worker.state.applied.pop(target.key, None) if worker else None
-        others = [
-            t
-            for t in self.targets_for(runner.key)
-            if t.key != target.key and t.normalized == target.normalized
-        ]
+        others = self._others_with_model(target, runner)
         if worker is not None:
             worker.state.view_stale = True
         self.namespace_changed(runner.namespace)

@@ -408,9 +408,7 @@ def model_status(
     configured = [p for p in placements if p.state == "Configured"]
     pulled_all = total > 0 and all(p.pulled for p in placements)
     blocking = _blocking_reason(placements)
-    waiting = "; ".join(unschedulable[:3]) + (
-        f" (and {len(unschedulable) - 3} more)" if len(unschedulable) > 3 else ""
-    )
+    waiting = _first_three(unschedulable)
     if total == 0 and placed is not None and (placed.waiting or placed.shortfall):
         phase = "Pending"
         reason = Reason.PLACING if placed.waiting else Reason.INSUFFICIENT
@@ -522,6 +520,12 @@ def _selector_labels(target: ModelTarget) -> dict[str, str]:
     return dict(target.pool_selector.get("matchLabels") or {})
 
 
+def _first_three(messages: Sequence[str]) -> str:
+    """Up to three messages joined, and how many more there are: a condition stays readable."""
+    more = f" (and {len(messages) - 3} more)" if len(messages) > 3 else ""
+    return "; ".join(messages[:3]) + more
+
+
 def _capacity_condition(placements: Sequence[Placement]) -> list[conditions.ConditionUpdate]:
     """``WithinCapacity``, once a runner's capacity is known: a warning, never a block on Ready
     (the runner still serves; it evicts or queues, which is what people need to hear)."""
@@ -530,7 +534,7 @@ def _capacity_condition(placements: Sequence[Placement]) -> list[conditions.Cond
         return []
     over = [p.over_capacity for p in checked if p.over_capacity]
     if over:
-        message = "; ".join(over[:3]) + (f" (and {len(over) - 3} more)" if len(over) > 3 else "")
+        message = _first_three(over)
         return [
             conditions.ConditionUpdate("WithinCapacity", "False", Reason.OVER_CAPACITY, message)
         ]

@@ -68,6 +68,37 @@ def fake_digest(seed: str) -> str:
     return "sha256:" + hashlib.sha256(seed.encode()).hexdigest()
 
 
+def llama_like(
+    name: str,
+    *,
+    size: int,
+    layers: int,
+    kv_heads: int = 8,
+    head_dim: int = 128,
+    context: int = 8192,
+) -> CatalogueModel:
+    """``ai/<name>``: a GGUF model of ``size`` bytes whose metadata has the attention
+    dimensions of a llama-architecture model (grouped-query, 4 query heads per KV head), as
+    placement's memory estimate reads them."""
+    heads = kv_heads * 4
+    return CatalogueModel(
+        reference=f"docker.io/ai/{name}:latest",
+        digest=fake_digest(name),
+        size=size,
+        context_size=context,
+        gguf={
+            "general.architecture": "llama",
+            "llama.block_count": str(layers),
+            "llama.attention.head_count": str(heads),
+            "llama.attention.head_count_kv": str(kv_heads),
+            "llama.attention.key_length": str(head_dim),
+            "llama.attention.value_length": str(head_dim),
+            "llama.embedding_length": str(heads * head_dim),
+            "llama.context_length": str(context),
+        },
+    )
+
+
 def _entry(reference: str, *, digest_seed: str | None = None, **kwargs: Any) -> CatalogueModel:
     return CatalogueModel(
         reference=reference, digest=fake_digest(digest_seed or reference), **kwargs
