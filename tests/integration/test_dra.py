@@ -23,7 +23,7 @@ import kubernetes
 import pytest
 
 from dmr_operator import constants
-from dmr_operator.testing import cluster, helm, manifests, nodesim
+from dmr_operator.testing import cluster, emulator_state, helm, manifests, nodesim
 from dmr_operator.testing.operatorprocess import OperatorProcess
 from dmr_operator.testing.waiting import wait_for
 
@@ -33,6 +33,7 @@ DMRMODELS = constants.DMRMODEL_PLURAL
 RESOURCE = ("resource.k8s.io", "v1")
 AT_LEAST_40GI = "device.capacity['gpu.nvidia.com'].memory.compareTo(quantity('40Gi')) >= 0"
 POOL_STORAGE = "1Gi"
+GIB = 2**30
 
 
 @pytest.fixture
@@ -93,17 +94,12 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
     return next(c for c in status.get("conditions") or () if c["type"] == kind)
 
 
-def test_chart_pool_asking_for_a_big_gpu_lands_on_the_node_that_has_one(
-    api_client: Any,
-    namespace: str,
-    node_simulator: nodesim.NodeSimulator,
-    gpu_nodes: dict[str, str],
-    operator: OperatorProcess,
-    objects: cluster.CustomObjects,
-    core: Any,
-    custom: Any,
-) -> None:
-    device_class = f"{namespace}-gpu-40g"
+@contextlib.contextmanager
+def chart_pool(
+    api_client: Any, namespace: str, selectors: list[str], replicas: int = 2
+) -> Iterator[None]:
+    """The chart's default runner pool, its GPUs claimed through a DeviceClass of the chart
+    with these CEL ``selectors``; removed (the cluster-scoped class, the volumes) after."""
     rendered = helm.render_chart(
         CHART,
         values={
@@ -112,19 +108,14 @@ def test_chart_pool_asking_for_a_big_gpu_lands_on_the_node_that_has_one(
             "serviceAccount": {"create": False},
             "crds": {"install": False},
             "metrics": {"enabled": False},
-            "deviceClasses": [
-                {
-                    "name": device_class,
-                    "selectors": ["device.driver == 'gpu.nvidia.com'", AT_LEAST_40GI],
-                }
-            ],
+            "deviceClasses": [{"name": f"{namespace}-gpu-class", "selectors": selectors}],
             "runnerPools": [
                 {
                     "name": constants.DEFAULT_POOL,
                     "accelerator": "nvidia",
-                    "replicas": 2,
+                    "replicas": replicas,
                     "storage": {"size": POOL_STORAGE},
-                    "gpuClaim": {"deviceClassName": device_class},
+                    "gpuClaim": {"deviceClassName": f"{namespace}-gpu-class"},
                 }
             ],
         },
@@ -137,12 +128,35 @@ def test_chart_pool_asking_for_a_big_gpu_lands_on_the_node_that_has_one(
     applier = manifests.Applier(api_client, field_manager="helm")
     # No storage provisioner here: a placeholder volume per replica's model store.
     volumes = [
-        manifests.placeholder_volume(f"{namespace}-models-{i}", size=POOL_STORAGE) for i in (0, 1)
+        manifests.placeholder_volume(f"{namespace}-models-{i}", size=POOL_STORAGE)
+        for i in range(replicas)
     ]
     try:
         for volume in volumes:
             applier.apply(volume)
         applier.apply_all(chart_objects, namespace=namespace)
+        yield
+    finally:
+        for obj in chart_objects:
+            if obj["kind"] == "DeviceClass":
+                with contextlib.suppress(kubernetes.client.ApiException):
+                    applier.delete(obj)
+        for volume in volumes:
+            with contextlib.suppress(kubernetes.client.ApiException):
+                applier.delete(volume)
+
+
+def test_chart_pool_asking_for_a_big_gpu_lands_on_the_node_that_has_one(
+    api_client: Any,
+    namespace: str,
+    node_simulator: nodesim.NodeSimulator,
+    gpu_nodes: dict[str, str],
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+    core: Any,
+    custom: Any,
+) -> None:
+    with chart_pool(api_client, namespace, ["device.driver == 'gpu.nvidia.com'", AT_LEAST_40GI]):
         objects.create(DMRMODELS, cluster.dmrmodel("small", {"model": "ai/qwen3:0.6B"}))
 
         selector = f"{constants.POOL_LABEL}={constants.DEFAULT_POOL}"
@@ -179,14 +193,54 @@ def test_chart_pool_asking_for_a_big_gpu_lands_on_the_node_that_has_one(
         ready = condition(model["status"], "Ready")
         assert f"pod {pending.metadata.name} cannot be scheduled: " in ready["message"]
         assert "cannot allocate all claims" in ready["message"]
-    finally:
-        for obj in chart_objects:
-            if obj["kind"] == "DeviceClass":
-                with contextlib.suppress(kubernetes.client.ApiException):
-                    applier.delete(obj)
-        for volume in volumes:
-            with contextlib.suppress(kubernetes.client.ApiException):
-                applier.delete(volume)
+
+
+# 30 GiB of weights + 1.5 GiB of KV cache: only the 80 GiB GPU holds it. 20 GiB: one copy fits
+# there, a second nowhere (the other GPU has 16 GiB).
+THIRTY = emulator_state.llama_like("thirty", size=30 * GIB, layers=48)
+TWENTY = emulator_state.llama_like("twenty", size=20 * GIB, layers=48)
+
+
+@pytest.fixture
+def emulators() -> cluster.EmulatorFactory:
+    return cluster.EmulatorFactory(catalogue=(THIRTY, TWENTY))
+
+
+def test_placement_counts_the_memory_of_the_gpus_a_pods_claims_were_allocated(
+    api_client: Any,
+    namespace: str,
+    gpu_nodes: dict[str, str],
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+    core: Any,
+) -> None:
+    # No nvidia.com/gpu.memory label and no nvidia.com/gpu resource: the GPUs' memory is known
+    # only from the devices the scheduler allocated and what their driver publishes of them.
+    with chart_pool(api_client, namespace, ["device.driver == 'gpu.nvidia.com'"]):
+        pods = cluster.wait_for_runner_pods(api_client, namespace, constants.DEFAULT_POOL, 2)
+        node_of = {pod: core.read_namespaced_pod(pod, namespace).spec.node_name for pod in pods}
+        big = next(pod for pod, node in node_of.items() if node == gpu_nodes["big"])
+        small = next(pod for pod in pods if pod != big)
+        for name, replicas in (("thirty", 1), ("twenty", 2)):
+            spec = {"model": f"ai/{name}", "placement": {"replicas": replicas}}
+            objects.create(DMRMODELS, cluster.dmrmodel(name, spec))
+
+        def placed(name: str) -> dict[str, Any] | None:
+            status = objects.status(DMRMODELS, name)
+            return status if status.get("placement") and status.get("placedSummary") else None
+
+        thirty = wait_for(lambda: placed("thirty"), timeout=60, message="thirty placed")
+        assert [e["pod"] for e in thirty["placement"]] == [big], thirty
+        twenty = wait_for(
+            lambda: (s := placed("twenty")) and s.get("phase") == "Degraded" and s,
+            timeout=60,
+            message="twenty on one pod, short of the second",
+        )
+        ready = condition(twenty, "Ready")
+        assert ready["reason"] == "Insufficient", ready
+        # 80 GiB less thirty's 31.6 GiB holds it; the 16 GiB GPU is the largest free elsewhere.
+        assert f"largest free 16.0 GiB on pod {namespace}/{small}" in ready["message"], ready
+        assert [e["pod"] for e in twenty["placement"]] == [big]
 
 
 def sidecar_agent(name: str, gpus: dict[str, Any], replicas: int = 1) -> dict[str, Any]:

@@ -7,7 +7,9 @@ with a GPU it fits (never the small one), spread over nodes; only those pods car
 its own Service selects exactly them; the other pods never hear of it; status lists the
 placement and PLACED says 2/2. A model that fits nowhere is Pending/Insufficient with the
 numbers. A chosen pod lost with its node: the model is configured on another big pod while the
-surviving pod keeps serving (it never loses its label), then serves from two pods again.
+surviving pod keeps serving (it never loses its label), then serves from two pods again. A model
+whose contextSize grows beyond its pod moves: configured on a big pod first while the old pod
+serves with its old configuration (never given one that does not fit it), then unloaded there.
 """
 
 from __future__ import annotations
@@ -37,12 +39,15 @@ SEVEN = emulator_state.llama_like("seven", size=6 * GIB, layers=24)
 SEVEN_DRAFT = emulator_state.llama_like(
     "seven-draft", size=3 * GIB // 2, layers=12, kv_heads=4, head_dim=64
 )
+# 0.5 GiB of weights and 128 KiB of KV cache per token: at 4096 tokens (1.1 GiB in all) its best
+# fit is the 8 GiB GPU (1 GiB per runner slot); at 65536 tokens (8.6 GiB) only a 24 GiB one.
+GROWER = emulator_state.llama_like("grower", size=GIB // 2, layers=32)
 
 
 @pytest.fixture
 def emulators() -> cluster.EmulatorFactory:
     """Every runner's registry also serves the models above."""
-    return cluster.EmulatorFactory(catalogue=(MEDIUM, HUGE, SEVEN, SEVEN_DRAFT))
+    return cluster.EmulatorFactory(catalogue=(MEDIUM, HUGE, SEVEN, SEVEN_DRAFT, GROWER))
 
 
 @pytest.fixture
@@ -241,3 +246,88 @@ def test_a_speculative_draft_counts_toward_what_its_model_needs(
     assert all("-big-" in pool[entry["pod"]] for entry in status["placement"])
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert "placed on 3 of 4 pods" in ready["message"]
+
+
+def test_a_model_whose_context_outgrows_its_pod_moves_without_an_outage(
+    namespace: str,
+    pool: dict[str, str],
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+    core: Any,
+    emulators: cluster.EmulatorFactory,
+) -> None:
+    spec = {"model": "ai/grower", "contextSize": 4096, "placement": {"replicas": 1}}
+    objects.create(DMRMODELS, cluster.dmrmodel("grower", spec))
+    status = placed_ready(objects, "grower", 1)
+    (old,) = [entry["pod"] for entry in status["placement"]]
+    assert "-small" in pool[old], status["placement"]
+    objects.patch_spec(DMRMODELS, "grower", {"contextSize": 65536})
+
+    def moved() -> str | None:
+        serving = labelled_pods(core, namespace, "grower")
+        assert serving, "nobody served grower during the move"
+        status = objects.status(DMRMODELS, "grower")
+        placed = [entry["pod"] for entry in status.get("placement") or ()]
+        done = (
+            status.get("phase") == "Ready"
+            and status.get("observedGeneration") == 2
+            and len(placed) == 1
+            and serving == set(placed)
+        )
+        return placed[0] if done else None
+
+    new = wait_for(moved, timeout=90, message="grower served from a big pod")
+    assert "-big-" in pool[new]
+    runners = emulators.in_namespace(namespace)
+    # The old pod kept the configuration it served with, and let the model go at the end.
+    contexts = [
+        (call.body or {}).get("context-size")
+        for call in runners[old].calls("POST", "/engines/llama.cpp/_configure")
+    ]
+    assert contexts == [4096], contexts
+    unloads = runners[old].calls("POST", "/engines/unload")
+    assert any("ai/grower:latest" in str((c.body or {}).get("models")) for c in unloads), unloads
+    new_contexts = [
+        (call.body or {}).get("context-size")
+        for call in runners[new].calls("POST", "/engines/llama.cpp/_configure")
+    ]
+    assert new_contexts == [65536], new_contexts
+
+
+def test_labels_of_a_model_deleted_while_no_operator_ran_come_off_its_pods(
+    namespace: str,
+    pool: dict[str, str],
+    operator: OperatorProcess,
+    operator_kubeconfig: Any,
+    objects: cluster.CustomObjects,
+    core: Any,
+) -> None:
+    create_placed(objects, "medium", 1)
+    create_placed(objects, "grower", 1)
+    placed_ready(objects, "medium", 1)
+    placed_ready(objects, "grower", 1)
+    operator.stop()
+    # With no operator to run the finalizer, a person removes it: the object goes at once.
+    objects.api.delete_namespaced_custom_object(
+        constants.GROUP, constants.VERSION, namespace, DMRMODELS, "medium"
+    )
+    objects.api.patch_namespaced_custom_object(
+        constants.GROUP,
+        constants.VERSION,
+        namespace,
+        DMRMODELS,
+        "medium",
+        {"metadata": {"finalizers": None}},
+        _content_type=cluster.MERGE_PATCH,
+    )
+    wait_for(lambda: objects.get(DMRMODELS, "medium") is None, timeout=30, message="medium deleted")
+    assert labelled_pods(core, namespace, "medium")
+    with OperatorProcess(
+        kubeconfig=operator_kubeconfig, namespaces=[namespace], verify_interval=2
+    ) as restarted:
+        wait_for(
+            lambda: not labelled_pods(core, namespace, "medium"),
+            timeout=30,
+            message=f"medium's label removed\n{restarted.log_tail(40)}",
+        )
+        assert len(labelled_pods(core, namespace, "grower")) == 1  # the living keep theirs

@@ -298,6 +298,7 @@ def test_namespaced_rbac_is_a_role_per_watched_namespace() -> None:
         ("", "namespaces", "list"),
         ("", "namespaces", "watch"),
         ("", "nodes", "get"),  # rbac.readNodes: runner capacity
+        ("resource.k8s.io", "resourceslices", "list"),  # and DRA devices' memory
     }
 
 

@@ -95,3 +95,50 @@ def test_another_clients_status_is_taken_even_when_our_echo_was_skipped() -> Non
     controller.model_changed({**body, "status": {"phase": "Failed", "runners": []}})
     assert controller.bodies["ns/a"]["status"] == {"phase": "Failed", "runners": []}
     assert "ns/a" not in controller.status._unechoed
+
+
+def runner_pod(name: str, namespace: str = "ns", **labels: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": f"uid-{name}",
+            "labels": {"dmr.dev/pool": "default", **labels},
+        },
+        "spec": {"nodeName": "n1", "containers": [{"name": "model-runner"}]},
+        "status": {"phase": "Running", "podIP": "10.0.0.9"},
+    }
+
+
+def placed_models(*names: str) -> dmrmodels.DMRModelController:
+    controller = controller_with_models()
+    for name in names:
+        body = cluster.dmrmodel(name, {"model": f"ai/{name}", "placement": {"replicas": 1}})
+        body["metadata"] |= {"namespace": "ns", "uid": f"uid-{name}", "generation": 1}
+        controller.model_changed(body)
+    controller.status._dirty.clear()
+    return controller
+
+
+def test_a_placement_label_on_a_pod_marks_only_the_model_it_names() -> None:
+    # Each label patch is a pod event; at 200 placed models a namespace, marking them all on
+    # every one of them was 200 status computations per patch.
+    controller = placed_models("a", "b", "c")
+    controller.pod_changed(runner_pod("r-0"))
+    marked(controller)
+    controller.pod_changed(runner_pod("r-0", **{"placement.dmr.dev/b": "true"}))
+    assert marked(controller) == {"ns/b"}
+    controller.pod_changed(runner_pod("r-0", **{"other/label": "x", "placement.dmr.dev/b": "true"}))
+    assert marked(controller) == set()
+
+
+def test_another_namespaces_pods_and_services_mark_nothing_here() -> None:
+    controller = controller_with_models("a")
+    controller.pod_changed(runner_pod("r-0", namespace="elsewhere"))
+    other = service("dmr-pool-default", {"dmr.dev/pool": "default"})
+    controller.service_changed({**other, "metadata": {**other["metadata"], "namespace": "x"}})
+    assert marked(controller) == set()
+    assert controller.pods_in("elsewhere")[0].key == "elsewhere/r-0"
+    assert [t.key for t in controller.targets_in("ns")] == ["ns/a"]
+    controller.model_gone("ns", "a")
+    assert controller.targets_in("ns") == []

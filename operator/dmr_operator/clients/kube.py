@@ -48,6 +48,9 @@ _RESOURCES: Mapping[tuple[str, str], str] = {
     ("resource.k8s.io/v1", "ResourceClaimTemplate"): (
         "/apis/resource.k8s.io/v1/namespaces/{ns}/resourceclaimtemplates"
     ),
+    ("resource.k8s.io/v1", "ResourceClaim"): (
+        "/apis/resource.k8s.io/v1/namespaces/{ns}/resourceclaims"
+    ),
     (constants.API_VERSION, constants.DMRMODEL_KIND): (
         f"/apis/{constants.API_VERSION}/namespaces/{{ns}}/{constants.DMRMODEL_PLURAL}"
     ),

@@ -28,7 +28,7 @@ from dmr_operator import constants, metrics
 from dmr_operator.clients import kube as kube_client
 from dmr_operator.clients import modelrunner
 from dmr_operator.controllers import model_placement, model_status, runner_worker
-from dmr_operator.reconcile import dmrmodel, documents, selectors
+from dmr_operator.reconcile import dmrmodel, documents, model_routing, selectors
 from dmr_operator.reconcile import runners as runner_views
 from dmr_operator.reconcile.dmrmodel import ModelTarget, Placement
 
@@ -88,7 +88,15 @@ class DMRModelController:
         self.status = model_status.StatusWriter(self)
         self.placer = model_placement.PlacementKeeper(self)
         self._assignment: dict[str, list[runner_views.Runner]] = {}
+        # Indexes that keep one event's work proportional to its namespace, not the cluster
+        # (10,000 DMRModels over 50 namespaces: bench/placement_scale.py).
+        self._keys_in: dict[str, set[str]] = {}  # namespace -> its DMRModel keys
+        self._pods_in: dict[str, set[str]] = {}  # namespace -> its runner pod keys
+        self._served_by: dict[str, set[str]] = {}  # runner key -> DMRModel keys assigned to it
         self._dirty_namespaces: set[str] = set()
+        self._reassign_pending = False
+        self._touched: set[str] = set()  # runners to look at again: pods changed, models gone
+        self._orphan_cleanup: asyncio.Task[None] | None = None
         self.listeners: list[Callable[[str, str], None]] = []
         self._stopped = False
 
@@ -118,12 +126,16 @@ class DMRModelController:
         if previous is None or previous.uid != target.uid:
             self.placer.leaving.discard(key)  # a new object under the name of a deleted one
         self.targets[key] = target
+        self._keys_in.setdefault(target.namespace, set()).add(key)
         self.namespace_changed(target.namespace)
         self.status.mark(key)
 
     def model_gone(self, namespace: str, name: str) -> None:
         key = f"{namespace}/{name}"
         self.targets.pop(key, None)
+        self._keys_in.get(namespace, set()).discard(key)
+        self._touched |= self._assign(key, [])
+        self._assignment.pop(key, None)
         self.bodies.pop(key, None)
         self.status.forget(key)
         for placement_key in [k for k in self.placements if k[0] == key]:
@@ -135,22 +147,32 @@ class DMRModelController:
         previous = self.pods.get(runner.key)
         if deleted:
             self.pods.pop(runner.key, None)
+            self._pods_in.get(runner.namespace, set()).discard(runner.key)
         elif previous == runner:
             return
         else:
             self.pods[runner.key] = runner
+            self._pods_in.setdefault(runner.namespace, set()).add(runner.key)
+        self._touched.add(runner.key)
         if previous is not None and previous.labels != runner.labels:
             # Placement labels decide which pods serve a placed model: its status says so.
-            for key, target in self.targets.items():
-                if target.namespace == runner.namespace and model_placement.is_placed(target):
-                    self.status.mark(key)
+            changed = {
+                label
+                for label in previous.labels.keys() | runner.labels.keys()
+                if previous.labels.get(label) != runner.labels.get(label)
+            }
+            for target in self.targets_in(runner.namespace):
+                if model_placement.is_placed(target) and (
+                    model_routing.placement_label(target.name) in changed
+                ):
+                    self.status.mark(target.key)
         if (previous.unschedulable if previous else None) != (
             None if deleted else runner.unschedulable
         ):
             # A pool pod the scheduler cannot place is never a runner, but its models say why.
-            for key, target in self.targets.items():
-                if target.namespace == runner.namespace and self.in_pool(target, runner):
-                    self.status.mark(key)
+            for target in self.targets_in(runner.namespace):
+                if self.in_pool(target, runner):
+                    self.status.mark(target.key)
         self.namespace_changed(runner.namespace)
 
     def service_changed(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
@@ -167,12 +189,12 @@ class DMRModelController:
             return
         # Only DMRModels whose pool this Service fronts (or fronted) can see their endpoint
         # change: an Agent's own Service must not recompute a thousand statuses.
-        for key, target in self.targets.items():
-            if target.namespace == namespace and any(
+        for target in self.targets_in(namespace):
+            if any(
                 runner_views.fronts_pool(service, target.pool_labels)
                 for service in (previous, None if deleted else body)
             ):
-                self.status.mark(key)
+                self.status.mark(target.key)
 
     def set_sidecar_models(self, namespace: str, pool: str, model_names: Iterable[str]) -> None:
         """The DMRModels an Agent in Sidecar mode needs on its own pods (pool label ``pool``)."""
@@ -188,12 +210,31 @@ class DMRModelController:
 
     # --- derived state --------------------------------------------------------------------------
 
+    def targets_in(self, namespace: str) -> list[ModelTarget]:
+        """The namespace's DMRModels, by key."""
+        return [self.targets[key] for key in sorted(self._keys_in.get(namespace, ()))]
+
+    def pods_in(self, namespace: str) -> list[runner_views.Runner]:
+        """The namespace's runner pods, by key."""
+        return [self.pods[key] for key in sorted(self._pods_in.get(namespace, ()))]
+
     def namespace_changed(self, namespace: str) -> None:
+        """Something the namespace's assignment depends on changed. Inside the event loop the
+        recompute runs once per loop pass, however many events arrived in it (a burst of
+        creates replans each namespace once, not once per object); outside it, at once."""
         self._dirty_namespaces.add(namespace)
-        self._reassign()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._reassign()
+            return
+        if not self._reassign_pending:
+            self._reassign_pending = True
+            loop.call_soon(self._reassign)
 
     def _reassign(self) -> None:
         """Recompute which runners serve which DMRModel, then start/wake/stop workers."""
+        self._reassign_pending = False
         namespaces, self._dirty_namespaces = self._dirty_namespaces, set()
         if not namespaces:
             return
@@ -204,22 +245,13 @@ class DMRModelController:
         claims: dict[
             tuple[str, tuple[str, str, str]], dict[str, tuple[ModelTarget, frozenset[str]]]
         ] = {}
-        for key, target in self.targets.items():
-            if target.namespace not in namespaces:
-                continue
-            selected = self._select_runners(target)
-            previous = self._assignment.get(key)
-            self._assignment[key] = selected
-            group = claims.setdefault((target.namespace, target.identity), {})
-            group[key] = (target, frozenset(r.key for r in selected))
-            if previous != selected:
-                old = {r.key for r in previous or ()}
-                for stale in old - {r.key for r in selected}:
-                    self.placements.pop((key, stale), None)
-                # Status depends on the runners selected; unchanged ones need no recompute.
-                self.status.mark(key)
-        for key in [k for k in self._assignment if k not in self.targets]:
-            del self._assignment[key]
+        touched, self._touched = self._touched, set()  # runners whose workers must look again
+        for namespace in sorted(namespaces):
+            for target in self.targets_in(namespace):
+                selected = self._select_runners(target)
+                touched |= {r.key for r in selected} | self._assign(target.key, selected)
+                group = claims.setdefault((target.namespace, target.identity), {})
+                group[target.key] = (target, frozenset(r.key for r in selected))
         for group in claims.values():
             conflicts = dmrmodel.find_conflicts(group) if len(group) > 1 else {}
             for key in group:
@@ -227,7 +259,29 @@ class DMRModelController:
                     self.status.mark(key)
                 self.conflicts.pop(key, None)
             self.conflicts.update(conflicts)
-        self._sync_workers()
+        touched |= {key for namespace in namespaces for key in self._pods_in.get(namespace, ())}
+        self._sync_workers(touched)
+
+    def _assign(self, key: str, selected: list[runner_views.Runner]) -> set[str]:
+        """Record ``selected`` as the runners of DMRModel ``key``; returns the runners it left."""
+        previous = self._assignment.get(key)
+        self._assignment[key] = selected
+        if previous == selected:
+            return set()
+        old = {r.key for r in previous or ()}
+        new = {r.key for r in selected}
+        for stale in old - new:
+            self.placements.pop((key, stale), None)
+            served = self._served_by.get(stale)
+            if served is not None:
+                served.discard(key)
+                if not served:
+                    del self._served_by[stale]
+        for runner_key in new - old:
+            self._served_by.setdefault(runner_key, set()).add(key)
+        # Status depends on the runners selected; unchanged ones need no recompute.
+        self.status.mark(key)
+        return old - new
 
     def _select_runners(self, target: ModelTarget) -> list[runner_views.Runner]:
         if not target.valid:
@@ -236,14 +290,11 @@ class DMRModelController:
             return [runner_views.external_runner(target.url, target.namespace)]
         if model_placement.is_placed(target):
             return self.placer.runners_for(target)
-        chosen = [
+        return [
             runner
-            for runner in self.pods.values()
-            if runner.namespace == target.namespace
-            and runner.ready
-            and self.in_pool(target, runner)
+            for runner in self.pods_in(target.namespace)
+            if runner.ready and self.in_pool(target, runner)
         ]
-        return sorted(chosen, key=lambda r: r.key)
 
     def in_pool(self, target: ModelTarget, runner: runner_views.Runner) -> bool:
         """Whether the runner pod belongs to the target's runners (pool selector or the
@@ -260,10 +311,8 @@ class DMRModelController:
         """ "pod P cannot be scheduled: <the scheduler's words>" for the target's pods that wait."""
         return [
             f"pod {runner.name} cannot be scheduled: {runner.unschedulable}"
-            for runner in sorted(self.pods.values(), key=lambda r: r.key)
-            if runner.unschedulable
-            and runner.namespace == target.namespace
-            and self.in_pool(target, runner)
+            for runner in self.pods_in(target.namespace)
+            if runner.unschedulable and self.in_pool(target, runner)
         ]
 
     def runners_for(self, target_key: str) -> list[runner_views.Runner]:
@@ -273,26 +322,27 @@ class DMRModelController:
         """Valid, non-conflicting DMRModels that must be configured on ``runner_key``."""
         return [
             self.targets[key]
-            for key, selected in self._assignment.items()
-            if key in self.targets
-            and key not in self.conflicts
-            and any(r.key == runner_key for r in selected)
+            for key in sorted(self._served_by.get(runner_key, ()))
+            if key in self.targets and key not in self.conflicts
         ]
 
-    def _sync_workers(self) -> None:
-        wanted: dict[str, runner_views.Runner] = {}
-        for selected in self._assignment.values():
-            for runner in selected:
-                wanted[runner.key] = runner
-        # Runners with a readiness gate must be told "nothing to configure" too.
-        for runner in self.pods.values():
-            if runner_worker.READINESS_GATE in runner.readiness_gates:
-                wanted.setdefault(runner.key, runner)
-        for key in list(self.workers):
-            if key not in wanted:
-                self.workers.pop(key).stop()
-        for key, runner in wanted.items():
+    def _sync_workers(self, touched: Iterable[str]) -> None:
+        """Start, update and wake the workers of the ``touched`` runners; stop those that
+        serve nothing any more."""
+        for key in sorted(touched):
+            runner = self._assigned_runner(key)
+            pod = self.pods.get(key)
+            if (
+                runner is None
+                and pod is not None
+                and runner_worker.READINESS_GATE in pod.readiness_gates
+            ):
+                runner = pod  # a gated runner must be told "nothing to configure" too
             worker = self.workers.get(key)
+            if runner is None:
+                if worker is not None:
+                    self.workers.pop(key).stop()
+                continue
             if worker is None:
                 if self._stopped:
                     continue
@@ -302,6 +352,13 @@ class DMRModelController:
             else:
                 worker.update(runner)
             worker.wake()
+
+    def _assigned_runner(self, runner_key: str) -> runner_views.Runner | None:
+        for target_key in self._served_by.get(runner_key, ()):
+            for runner in self._assignment.get(target_key, ()):
+                if runner.key == runner_key:
+                    return runner
+        return None
 
     def placement(self, target: ModelTarget, runner: runner_views.Runner) -> Placement:
         key = (target.key, runner.key)
@@ -419,16 +476,60 @@ class DMRModelController:
         DMRModel's status before it knows the pool's pods (``NoRunners``) or Service (no endpoint)
         and write a wrong status for a moment.
         """
-        scopes = [f"/api/v1/namespaces/{ns}" for ns in namespaces] or ["/api/v1"]
+        scopes = [f"namespaces/{ns}/" for ns in namespaces] or [""]
         for scope in scopes:
             pods = await self.kube.request(
-                "GET", f"{scope}/pods", params={"labelSelector": constants.POOL_LABEL}
+                "GET", f"/api/v1/{scope}pods", params={"labelSelector": constants.POOL_LABEL}
             )
             for pod in (pods or {}).get("items") or ():
                 self.pod_changed(pod)
-            services = await self.kube.request("GET", f"{scope}/services")
+            services = await self.kube.request("GET", f"/api/v1/{scope}services")
             for service in (services or {}).get("items") or ():
                 self.service_changed(service)
+        self._orphan_cleanup = asyncio.get_running_loop().create_task(
+            self._remove_orphan_labels(scopes)
+        )
+
+    async def _remove_orphan_labels(self, scopes: list[str], attempts: int = 6) -> None:
+        """Placement labels of DMRModels deleted while no operator ran come off their pods
+        (in the background: a CRD just installed answers 429 for a moment, and startup must
+        not wait for that)."""
+        models: list[Mapping[str, Any]] = []
+        for attempt in range(attempts):
+            try:
+                for scope in scopes:
+                    found = await self.kube.request(
+                        "GET", f"/apis/{constants.API_VERSION}/{scope}{constants.DMRMODEL_PLURAL}"
+                    )
+                    models += (found or {}).get("items") or ()
+                break
+            except kube_client.KubeError as error:
+                models = []
+                if attempt + 1 == attempts:
+                    logger.warning("placement labels of deleted DMRModels left: %s", error)
+                    return
+                await asyncio.sleep(min(2.0**attempt, 10.0))
+        names: dict[str, list[str]] = {}
+        for model in models:
+            metadata = model.get("metadata") or {}
+            names.setdefault(str(metadata.get("namespace")), []).append(str(metadata.get("name")))
+        for target in self.targets.values():  # known from the watch since: alive too
+            names.setdefault(target.namespace, []).append(target.name)
+        for runner in list(self.pods.values()):
+            orphans = model_routing.orphan_placement_labels(
+                runner.labels, names.get(runner.namespace, ())
+            )
+            if not orphans:
+                continue
+            logger.info("pod %s: removing labels of deleted DMRModels %s", runner.key, orphans)
+            with contextlib.suppress(kube_client.KubeError):
+                pod = await self.kube.label_pod(
+                    namespace=runner.namespace,
+                    name=runner.name,
+                    labels=dict.fromkeys(orphans),
+                )
+                if isinstance(pod, Mapping) and pod.get("metadata"):
+                    self.pod_changed(pod)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -445,6 +546,10 @@ class DMRModelController:
 
     async def stop(self) -> None:
         self._stopped = True
+        if self._orphan_cleanup is not None:
+            self._orphan_cleanup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._orphan_cleanup
         await self.placer.stop()
         for worker in self.workers.values():
             worker.stop()

@@ -9,12 +9,16 @@ registry's size and GGUF metadata, before anything is pulled) and what each pod 
 (``reconcile.model_routing.pod_budget``, from its Node). Both are read once and cached; until
 they are known the model waits (``Placing``), nothing is guessed.
 
-Moves are make-before-break. A placed model's runners are the pods chosen now plus the pods
-still serving it (labelled ``placement.dmr.dev/<model>``), so a new pod is pulled, configured and
-verified while the old ones serve; ``settle`` (run by the status writer, after the workers report)
-labels every chosen pod that is configured, and only once all of them are, unlabels the pods no
-longer chosen (the model's Service drops them) and then unloads the model there. The label is
-the record: after an operator restart, the labelled pods are the previous placement.
+Moves are make-before-break. A placed model's runners (the pods its workers configure) are only
+the pods chosen for its current spec; a pod still serving it (labelled
+``placement.dmr.dev/<model>``) but no longer chosen is left alone, keeping the configuration it
+serves with, while the new pod is pulled, configured and verified. ``settle`` (run by the status
+writer, after the workers report) labels every chosen pod that is configured, and only once all
+of them are, unlabels the pods no longer chosen (the model's Service drops them) and then unloads
+the model there. Until a changed spec's needs are known (a new contextSize: its KV cache), the
+model has no runners at all: the old pods serve what they have rather than take a configuration
+that may not fit them. The label is the record: after an operator restart, the labelled pods are
+the previous placement.
 
 Neighbours: ``controllers.model_status`` calls ``settle`` and reads ``view`` (a
 ``reconcile.dmrmodel.PlacementSummary``); I/O through
@@ -73,9 +77,15 @@ class PlacementKeeper:
         self.needs: dict[tuple[str, int | None], model_memory.ModelNeeds] = {}
         self._needs_problem: dict[tuple[str, int | None], tuple[float, str]] = {}
         self.nodes: dict[str, Mapping[str, Any] | None] = {}
+        # DRA: a pod's allocated ResourceClaims and its node's ResourceSlices (None: unreadable).
+        self.claims: dict[str, Mapping[str, Any] | None] = {}
+        self.slices: dict[str, list[Mapping[str, Any]] | None] = {}
         self.chosen: dict[str, tuple[str, ...]] = {}
         self.shortfalls: dict[str, placement.Shortfall] = {}
         self.waiting: dict[str, str] = {}
+        # Models whose current spec has not been placed yet (its needs are being read): their
+        # chosen pods are those of an earlier spec, not to be reconfigured.
+        self.unplanned: set[str] = set()
         self._services: dict[str, str] = {}  # target key -> uid its Service was applied for
         self._reading: set[object] = set()
         # One settle or clean-up per model at a time: a label patch in flight must not land
@@ -90,12 +100,8 @@ class PlacementKeeper:
     def replan(self, namespace: str) -> None:
         controller = self.controller
         groups: dict[str, list[ModelTarget]] = {}
-        for target in controller.targets.values():
-            if (
-                target.namespace == namespace
-                and is_placed(target)
-                and target.key not in self.leaving
-            ):
+        for target in controller.targets_in(namespace):
+            if is_placed(target) and target.key not in self.leaving:
                 groups.setdefault(pool_key(target), []).append(target)
         for key in [k for k in self.chosen if k.startswith(f"{namespace}/")]:
             known = controller.targets.get(key)
@@ -106,16 +112,11 @@ class PlacementKeeper:
 
     def _replan_pool(self, namespace: str, pool: str, targets: list[ModelTarget]) -> None:
         controller = self.controller
-        runners = sorted(
-            (
-                runner
-                for runner in controller.pods.values()
-                if runner.namespace == namespace
-                and runner.ready
-                and controller.in_pool(targets[0], runner)
-            ),
-            key=lambda r: r.key,
-        )
+        runners = [
+            runner
+            for runner in controller.pods_in(namespace)
+            if runner.ready and controller.in_pool(targets[0], runner)
+        ]
         budgets = [self._budget(runner, pool) for runner in runners]
         if any(budget is None for budget in budgets):
             # A Node is still being read: placing without that pod would move models off it
@@ -126,7 +127,11 @@ class PlacementKeeper:
         for target in targets:
             needs = self._needs(target, runners)
             if needs is None:
+                if target.key not in self.unplanned:
+                    self.unplanned.add(target.key)
+                    controller.status.mark(target.key)
                 continue
+            self.unplanned.discard(target.key)
             spec = target.spec
             assert spec is not None and spec.placement is not None
             demands.append(
@@ -172,7 +177,23 @@ class PlacementKeeper:
             self._read_node(runner.node)
             return None
         node = self.nodes[runner.node]
-        budget = model_routing.pod_budget(runner, node, pool=pool) if node is not None else None
+        claimed: int | None = None
+        if runner.claims:
+            keys = [f"{runner.namespace}/{name}" for name in runner.claims]
+            unread = [key for key in keys if key not in self.claims]
+            for key in unread:
+                self._read_claim(key)
+            if runner.node not in self.slices:
+                self._read_slices(runner.node)
+            if unread or runner.node not in self.slices:
+                return None
+            claims = [claim for key in keys if (claim := self.claims[key]) is not None]
+            claimed = model_routing.claimed_gpu_memory(claims, self.slices[runner.node] or ())
+        budget = (
+            model_routing.pod_budget(runner, node, pool=pool, claimed_gpu_memory=claimed)
+            if node is not None
+            else None
+        )
         if budget is None:
             budget = placement.RunnerPod(
                 key=runner.key,
@@ -259,6 +280,46 @@ class PlacementKeeper:
 
         self._spawn(("node", name), read())
 
+    def _read_claim(self, key: str) -> None:
+        namespace, name = key.split("/", 1)
+
+        async def read() -> None:
+            self.reads += 1
+            try:
+                claim = await self.controller.kube.get(
+                    api_version="resource.k8s.io/v1",
+                    kind="ResourceClaim",
+                    namespace=namespace,
+                    name=name,
+                )
+            except kube_client.KubeError as error:  # e.g. no right to read claims
+                logger.info("claim %s unreadable, its GPUs' memory unknown: %s", key, error)
+                claim = None
+            # An allocation never changes once the pod runs: read once, kept.
+            self.claims[key] = claim if isinstance(claim, Mapping) else None
+            self._replan_all()
+
+        self._spawn(("claim", key), read())
+
+    def _read_slices(self, node: str) -> None:
+        async def read() -> None:
+            self.reads += 1
+            slices: list[Mapping[str, Any]] | None
+            try:
+                found = await self.controller.kube.request(
+                    "GET",
+                    "/apis/resource.k8s.io/v1/resourceslices",
+                    params={"fieldSelector": f"spec.nodeName={node}"},
+                )
+                slices = list((found or {}).get("items") or ())
+            except kube_client.KubeError as error:
+                logger.info("resource slices of %s unreadable: %s", node, error)
+                slices = None
+            self.slices[node] = slices
+            self._replan_all()
+
+        self._spawn(("slices", node), read())
+
     def _read_needs(self, key: tuple[str, int | None], runner: runner_views.Runner) -> None:
         reference, context_size = key
 
@@ -295,18 +356,15 @@ class PlacementKeeper:
     # --- what the controller and the status writer ask ------------------------------------------
 
     def runners_for(self, target: ModelTarget) -> list[runner_views.Runner]:
-        """The chosen pods, and the pods still serving the model until the move is done."""
+        """The Ready pods chosen for the model's current spec."""
+        if target.key in self.unplanned:
+            return []
         chosen = set(self.chosen.get(target.key, ()))
-        return sorted(
-            (
-                runner
-                for runner in self.controller.pods.values()
-                if runner.namespace == target.namespace
-                and runner.ready
-                and (runner.key in chosen or self.labelled(target, runner))
-            ),
-            key=lambda r: r.key,
-        )
+        return [
+            runner
+            for runner in self.controller.pods_in(target.namespace)
+            if runner.ready and runner.key in chosen
+        ]
 
     @staticmethod
     def labelled(target: ModelTarget, runner: runner_views.Runner) -> bool:
@@ -325,7 +383,9 @@ class PlacementKeeper:
             ),
             serving=sum(1 for key in chosen if key in pods and self.labelled(target, pods[key])),
             shortfall=placement.shortfall_message(shortfall) if shortfall else None,
-            waiting=None if target.key in self.chosen else self.waiting.get(target.key),
+            waiting=self.waiting.get(target.key)
+            if target.key in self.unplanned or target.key not in self.chosen
+            else None,
             endpoint=model_routing.model_service_endpoint(target.name, target.namespace),
         )
 
@@ -353,12 +413,8 @@ class PlacementKeeper:
                 await self._label(runner, {label: "true"})
         if len(configured) < len(chosen) or not chosen:
             return  # the old copies serve until every new one does
-        for runner in list(controller.pods.values()):
-            if (
-                runner.namespace == target.namespace
-                and runner.key not in chosen
-                and self.labelled(target, runner)
-            ):
+        for runner in controller.pods_in(target.namespace):
+            if runner.key not in chosen and self.labelled(target, runner):
                 # Out of the Service first, then out of memory: no request meets an unload.
                 await self._label(runner, {label: None})
                 await controller.release(target, runner)
@@ -369,8 +425,8 @@ class PlacementKeeper:
         self.forget(target.key)
         label = model_routing.placement_label(target.name)
         async with self._locks.setdefault(target.key, asyncio.Lock()):
-            for runner in list(self.controller.pods.values()):
-                if runner.namespace == target.namespace and self.labelled(target, runner):
+            for runner in self.controller.pods_in(target.namespace):
+                if self.labelled(target, runner):
                     await self._label(runner, {label: None})
         self._locks.pop(target.key, None)
 
@@ -378,16 +434,21 @@ class PlacementKeeper:
         self.chosen.pop(key, None)
         self.shortfalls.pop(key, None)
         self.waiting.pop(key, None)
+        self.unplanned.discard(key)
         self._services.pop(key, None)
 
     async def _label(self, runner: runner_views.Runner, labels: Mapping[str, str | None]) -> None:
         try:
-            await self.controller.kube.label_pod(
+            pod = await self.controller.kube.label_pod(
                 namespace=runner.namespace, name=runner.name, labels=labels
             )
         except kube_client.NotFound:
             return  # the pod is gone; so is its place in the Service
         logger.info("pod %s: labels %s", runner.key, dict(labels))
+        if isinstance(pod, Mapping) and pod.get("metadata"):
+            # Known at once, not when the watch brings it back: the status written next says
+            # who serves, and the echo then changes nothing (one status write, not two).
+            self.controller.pod_changed(pod)
 
     async def _ensure_service(self, target: ModelTarget) -> None:
         body = self.controller.bodies.get(target.key) or {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from dmr_operator import constants
@@ -61,6 +61,17 @@ def placement_label(model_name: str) -> str:
     """The pod label key saying "this pod serves DMRModel ``model_name``" (value "true")."""
     name = model_name if _LABEL_NAME.match(model_name) else model_name.lower()
     return PLACEMENT_LABEL_PREFIX + _shortened(name, _NAME_MAX)
+
+
+def orphan_placement_labels(pod_labels: Mapping[str, str], model_names: Iterable[str]) -> list[str]:
+    """The placement labels on a pod that name no DMRModel of its namespace (deleted while the
+    operator was away): its Service went with the model, the label is all that is left."""
+    wanted = {placement_label(name) for name in model_names}
+    return sorted(
+        label
+        for label in pod_labels
+        if label.startswith(PLACEMENT_LABEL_PREFIX) and label not in wanted
+    )
 
 
 def model_service_name(model_name: str) -> str:
@@ -129,10 +140,16 @@ def memory_in_bytes(quantity: Any) -> int | None:
 
 
 def pod_budget(
-    runner: runner_views.Runner, node: Mapping[str, Any], *, pool: str
+    runner: runner_views.Runner,
+    node: Mapping[str, Any],
+    *,
+    pool: str,
+    claimed_gpu_memory: int | None = None,
 ) -> placement.RunnerPod | None:
-    """What a runner pod can hold: its runner slots, its GPUs' memory (the GPUs its pod asks
-    for x ``nvidia.com/gpu.memory`` of its node), else its node's allocatable host memory.
+    """What a runner pod can hold: its runner slots, its GPUs' memory (the devices its DRA
+    claims were allocated, ``claimed_gpu_memory``; else the GPUs its pod asks for x
+    ``nvidia.com/gpu.memory`` of its node), else host memory: its container's memory limit
+    (the cgroup that would kill it), or without one its node's allocatable memory.
     None when the node says too little to decide (no CPU count)."""
     runner_capacity = capacity.capacity_of(node, pod_gpus=runner.gpus)
     if runner_capacity is None:
@@ -143,7 +160,35 @@ def pod_budget(
         pool=pool,
         node=runner.node or "",
         slots=runner_capacity.slots,
-        gpu_memory_bytes=runner_capacity.gpu_memory or 0,
-        host_memory_bytes=memory_in_bytes(allocatable.get("memory")) or 0,
+        gpu_memory_bytes=claimed_gpu_memory or runner_capacity.gpu_memory or 0,
+        host_memory_bytes=memory_in_bytes(runner.memory_limit)
+        or memory_in_bytes(allocatable.get("memory"))
+        or 0,
         holdings=frozenset(),
     )
+
+
+def claimed_gpu_memory(
+    claims: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, Any]]
+) -> int | None:
+    """The memory of the devices allocated to ``claims`` (ResourceClaims), from the capacity
+    their driver publishes for them (``capacity.memory`` of the device in its ResourceSlice).
+    None when no allocated device has a memory capacity (not a GPU, or its slice unknown)."""
+    published: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+    for resource_slice in slices:
+        spec = resource_slice.get("spec") or {}
+        pool_name = str((spec.get("pool") or {}).get("name"))
+        for device in spec.get("devices") or ():
+            published[str(spec.get("driver")), pool_name, str(device.get("name"))] = device
+    total, known = 0, False
+    for claim in claims:
+        allocation = (claim.get("status") or {}).get("allocation") or {}
+        for result in (allocation.get("devices") or {}).get("results") or ():
+            device = published.get(
+                (str(result.get("driver")), str(result.get("pool")), str(result.get("device")))
+            )
+            memory = ((device or {}).get("capacity") or {}).get("memory") or {}
+            size = memory_in_bytes(memory.get("value"))
+            if size:
+                total, known = total + size, True
+    return total if known else None

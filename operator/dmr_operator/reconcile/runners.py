@@ -40,6 +40,8 @@ class Runner:
     external: bool = False
     image: str | None = None  # the model-runner container's image (decides its backends)
     gpus: int = 0  # GPUs its container asks for (any vendor's */gpu extended resource)
+    memory_limit: str | None = None  # its container's limits.memory, a Kubernetes quantity
+    claims: tuple[str, ...] = ()  # its ResourceClaims (DRA): where its GPUs' memory is read
     default_keep_alive: str = DEFAULT_KEEP_ALIVE
     """model-runner's idle timeout for models without keep_alive in this runner's pod."""
     unschedulable: str | None = None
@@ -91,6 +93,8 @@ def runner_from_pod(pod: Mapping[str, Any]) -> Runner:
         },
         image=str(runner_container.get("image")) if runner_container else None,
         gpus=_gpu_count(runner_container),
+        memory_limit=_memory_limit(runner_container),
+        claims=_claim_names(spec, status),
         default_keep_alive=_default_keep_alive(runner_container),
         unschedulable=unschedulable_message(pod),
     )
@@ -158,6 +162,18 @@ def _gpu_count(container: Mapping[str, Any] | None) -> int:
     limits = ((container or {}).get("resources") or {}).get("limits") or {}
     counts = [str(v) for k, v in limits.items() if str(k).endswith("/gpu")]
     return sum(int(v) for v in counts if v.isdigit())
+
+
+def _claim_names(spec: Mapping[str, Any], status: Mapping[str, Any]) -> tuple[str, ...]:
+    """The pod's ResourceClaims: made from templates (named in its status) or named directly."""
+    generated = [s.get("resourceClaimName") for s in status.get("resourceClaimStatuses") or ()]
+    direct = [c.get("resourceClaimName") for c in spec.get("resourceClaims") or ()]
+    return tuple(sorted({str(name) for name in (*generated, *direct) if name}))
+
+
+def _memory_limit(container: Mapping[str, Any] | None) -> str | None:
+    limits = ((container or {}).get("resources") or {}).get("limits") or {}
+    return str(limits["memory"]) if limits.get("memory") else None
 
 
 def _condition_status(status: Mapping[str, Any], type_: str) -> str | None:

@@ -125,12 +125,15 @@ def runner_pool_manifests(
     replicas: int = 1,
     gpus: int = 0,
     gpu_resource: str = "nvidia.com/gpu",
+    memory: str | None = None,
 ) -> list[dict[str, Any]]:
-    """A StatefulSet of model-runner pods labelled for pool ``name`` and its Service."""
+    """A StatefulSet of model-runner pods labelled for pool ``name`` and its Service;
+    ``memory``: the runner container's memory request and limit."""
     labels = {constants.POOL_LABEL: name}
-    resources: dict[str, Any] = {}
-    if gpus:
-        resources = {"limits": {gpu_resource: str(gpus)}, "requests": {gpu_resource: str(gpus)}}
+    limits = {gpu_resource: str(gpus)} if gpus else {}
+    if memory:
+        limits["memory"] = memory
+    resources = {"limits": limits, "requests": dict(limits)} if limits else {}
     workload_name = f"pool-{name}"
     statefulset = {
         "apiVersion": "apps/v1",
