@@ -34,6 +34,10 @@ from dmr_operator.reconcile.dmrmodel import ModelTarget, Placement
 
 logger = logging.getLogger(__name__)
 
+# The shortest time between two reassignments while changes keep coming (seconds): an isolated
+# change is acted on at once; a burst waits at most this long.
+REASSIGN_INTERVAL = 0.05
+
 
 @dataclass(frozen=True)
 class ControllerSettings:
@@ -95,6 +99,7 @@ class DMRModelController:
         self._served_by: dict[str, set[str]] = {}  # runner key -> DMRModel keys assigned to it
         self._dirty_namespaces: set[str] = set()
         self._reassign_pending = False
+        self._last_reassign = float("-inf")
         self._touched: set[str] = set()  # runners to look at again: pods changed, models gone
         self._orphan_cleanup: asyncio.Task[None] | None = None
         self.listeners: list[Callable[[str, str], None]] = []
@@ -220,8 +225,10 @@ class DMRModelController:
 
     def namespace_changed(self, namespace: str) -> None:
         """Something the namespace's assignment depends on changed. Inside the event loop the
-        recompute runs once per loop pass, however many events arrived in it (a burst of
-        creates replans each namespace once, not once per object); outside it, at once."""
+        recompute runs at the next loop pass, and at most every ``REASSIGN_INTERVAL`` while
+        changes keep coming, for everything that changed meanwhile (a burst of creates and
+        label patches replans each namespace a few times a second, not once per event: each
+        replan places every model of the namespace); outside a loop (tests), at once."""
         self._dirty_namespaces.add(namespace)
         try:
             loop = asyncio.get_running_loop()
@@ -230,11 +237,17 @@ class DMRModelController:
             return
         if not self._reassign_pending:
             self._reassign_pending = True
-            loop.call_soon(self._reassign)
+            delay = self._last_reassign + REASSIGN_INTERVAL - loop.time()
+            if delay > 0:
+                loop.call_later(delay, self._reassign)
+            else:
+                loop.call_soon(self._reassign)
 
     def _reassign(self) -> None:
         """Recompute which runners serve which DMRModel, then start/wake/stop workers."""
         self._reassign_pending = False
+        with contextlib.suppress(RuntimeError):
+            self._last_reassign = asyncio.get_running_loop().time()
         namespaces, self._dirty_namespaces = self._dirty_namespaces, set()
         if not namespaces:
             return

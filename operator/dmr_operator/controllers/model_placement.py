@@ -143,8 +143,13 @@ class PlacementKeeper:
                 )
             )
         # Holdings: the pods serving each model now (its label), the record across restarts.
+        by_label = {model_routing.placement_label(t.name): t.key for t in targets}
         holdings = {
-            pod.key: frozenset(t.key for t in targets if self.labelled(t, controller.pods[pod.key]))
+            pod.key: frozenset(
+                by_label[label]
+                for label, value in controller.pods[pod.key].labels.items()
+                if value == "true" and label in by_label
+            )
             for pod in pods
         }
         pods = [dataclasses.replace(pod, holdings=holdings[pod.key]) for pod in pods]

@@ -15,6 +15,7 @@ feeds ``reconcile.placement`` with the budgets ``pod_budget`` computes from Node
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
@@ -57,6 +58,7 @@ def _shortened(name: str, room: int) -> str:
     return f"{name[: room - 11].rstrip('-.')}-{digest}"
 
 
+@functools.lru_cache(maxsize=65536)
 def placement_label(model_name: str) -> str:
     """The pod label key saying "this pod serves DMRModel ``model_name``" (value "true")."""
     name = model_name if _LABEL_NAME.match(model_name) else model_name.lower()

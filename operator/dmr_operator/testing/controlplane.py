@@ -62,7 +62,10 @@ CONTROL_PLANE_BUILD = gobuild.GoBuild(
     ),
     about="(about 7 minutes on 2 cores the first time, 610 MB of modules)",
 )
-SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+# A /16 as clusters have (kubeadm's default is a /12): with placement every DMRModel has a
+# Service, and a /24 ran out at 254 of them (bench/placement_scale.py). 10.0.0.1, the
+# ``kubernetes`` Service, stays the first address (it is in the serving certificate).
+SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/16"
 ADMIN_USER = "dmr-admin"
 STARTUP_TIMEOUT_SECONDS = 60.0
 # kube-apiserver drains for several seconds after SIGTERM; nothing here needs that drain.
