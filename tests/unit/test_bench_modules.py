@@ -1,7 +1,8 @@
 """The benchmark modules (bench/, not collected as tests) import and their pure parts work.
 
 No cluster: percentile, the audit-log parser and counter, the report table and its in-place
-update of BENCHMARKS.md, and the floor operator's body (the same one dmr-operator sends).
+update of BENCHMARKS.md, the floor operator's body (the same one dmr-operator sends), and the
+placement benchmarks' workloads.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench import audit, floor_operator, report, run  # noqa: E402
+from bench import (  # noqa: E402
+    audit,
+    floor_operator,
+    placement,
+    placement_scale,
+    report,
+    run,
+)
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -73,3 +81,18 @@ def test_floor_sends_the_operators_configure_body() -> None:
         "model": "ai/lat-0007:latest",
         "context-size": 4096,
     }
+
+
+def test_the_scale_workload_fits_its_pools_so_all_ready_is_reachable() -> None:
+    # 200 models per namespace on 30 pods of 8 slots and 24 GiB: every model must fit a pod
+    # with room to spare, or "time to all Ready" would measure Insufficient models instead.
+    models = placement_scale.catalogue()
+    assert len(models) == placement_scale.CATALOGUE_MODELS <= 30 * 8
+    largest = max(placement_scale.needs_bytes(model) for model in models)
+    assert largest * 8 < 24 * 2**30
+    # The pack benchmark's models: some fit only the 80 GiB GPUs, none fits nowhere.
+    sizes = [
+        placement.needs_bytes(placement.catalogue_model(f"m{i}", g))
+        for i, g in enumerate(placement.SIZES_GIB)
+    ]
+    assert max(sizes) < 80 * 2**30 and max(sizes) > 24 * 2**30 // 2

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dmr_operator.api.v1alpha1.dmrmodel import DMRModelSpec
 from dmr_operator.reconcile import model_memory, placement
 
 GIB = 2**30
@@ -104,6 +105,37 @@ def test_a_cpu_pod_is_placed_against_its_host_memory() -> None:
     assert placement.shortfall_message(result.shortfalls["ns/m"]) == (
         "placed on 1 of 2 pods: needs 1.5 GiB, largest free 1.0 GiB on pod ns/gpu"
     )
+
+
+def test_a_vllm_model_takes_its_share_of_the_gpu_whatever_its_size() -> None:
+    # vLLM reserves gpu-memory-utilization x the GPU at start-up: a second vLLM model cannot
+    # share an 80 GiB GPU with one at 0.9, but a 4 GiB llama.cpp model fits the 8 GiB left.
+    vllm = dataclasses.replace(needs(10 * GIB), gpu_share=0.9)
+    models = [
+        placement.ModelDemand(key="ns/a", pool="default", replicas=1, needs=vllm),
+        placement.ModelDemand(key="ns/b", pool="default", replicas=1, needs=vllm),
+        model("ns/small", 4 * GIB),
+    ]
+    result = placement.place(models, [pod("ns/p0", "n0", gpu=80 * GIB)])
+    assert result.pods == {"ns/a": ("ns/p0",), "ns/b": (), "ns/small": ("ns/p0",)}
+    assert result.shortfalls["ns/b"].largest_free_bytes == 80 * GIB - 72 * GIB - 4 * GIB
+    assert "needs 72.0 GiB, largest free 4.0 GiB" in placement.shortfall_message(
+        result.shortfalls["ns/b"]
+    )
+    # On a CPU pod there is no GPU to reserve a share of: the model's own size counts.
+    assert vllm.on_pod(0) == 10 * GIB
+    assert vllm.on_pod(80 * GIB) == 72 * GIB
+
+
+def test_vllm_share_comes_from_the_spec() -> None:
+    def share(**spec: object) -> float | None:
+        return model_memory.vllm_gpu_share(DMRModelSpec.model_validate({"model": "ai/m", **spec}))
+
+    assert share() is None
+    assert share(backend="llama.cpp") is None
+    assert share(backend="vllm") == model_memory.VLLM_DEFAULT_GPU_SHARE
+    assert share(vllm={"gpuMemoryUtilization": 0.5}) == 0.5
+    assert share(backend="llama.cpp", vllm={"gpuMemoryUtilization": 0.5}) is None
 
 
 def test_all_means_every_pod_of_its_pool_where_it_fits() -> None:

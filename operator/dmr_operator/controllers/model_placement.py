@@ -223,7 +223,9 @@ class PlacementKeeper:
         if any(part is None for part in parts):
             return None
         self.waiting.pop(target.key, None)
-        return model_memory.combined([part for part in parts if part is not None])
+        needs = model_memory.combined([part for part in parts if part is not None])
+        share = model_memory.vllm_gpu_share(spec)
+        return dataclasses.replace(needs, gpu_share=share) if share is not None else needs
 
     def _needs_of(
         self,

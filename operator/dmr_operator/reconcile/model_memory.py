@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from dmr_operator.api.v1alpha1.dmrmodel import DMRModelSpec
 from dmr_operator.dmr import wire
 from dmr_operator.reconcile import capacity
 
@@ -41,6 +42,8 @@ COMPUTE_ALLOWANCE_BYTES: Final = 64 * 2**20
 # No metadata: assume a KV cache as large as the weights. Not a measurement; chat models of
 # 1-70B parameters need 0.1-0.4 times their weights at 8k tokens, more at their full context.
 FALLBACK_KV_FACTOR: Final = 1.0
+# vLLM's own default for --gpu-memory-utilization (model-runner passes one only when configured).
+VLLM_DEFAULT_GPU_SHARE: Final = 0.9
 _NUMBER: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 
 
@@ -54,10 +57,31 @@ class ModelNeeds:
     context_size: int | None  # cache cells the KV figure is for; None when estimated without
     estimated: bool  # True: the KV figure is FALLBACK_KV_FACTOR x weights, not the formula
     formula: str  # for people: the numbers that went in, e.g. in a status message
+    # vLLM reserves this fraction of the GPU memory it is given at start-up, whatever the model
+    # (--gpu-memory-utilization, 0.9 by default); None for llama.cpp, which takes what it needs.
+    gpu_share: float | None = None
 
     @property
     def total_bytes(self) -> int:
         return self.weights_bytes + self.kv_cache_bytes + self.compute_bytes
+
+    def on_pod(self, gpu_memory_bytes: int) -> int:
+        """Bytes it takes on a pod with that much GPU memory (0: a CPU pod)."""
+        if self.gpu_share is None or gpu_memory_bytes <= 0:
+            return self.total_bytes
+        return max(self.total_bytes, math.ceil(self.gpu_share * gpu_memory_bytes))
+
+
+def vllm_gpu_share(spec: DMRModelSpec) -> float | None:
+    """The share of its GPUs' memory a DMRModel reserves when vLLM runs it: its
+    ``vllm.gpuMemoryUtilization``, else vLLM's default. For ``backend: vllm``, or no backend
+    with vLLM options (model-runner picks vLLM for safetensors); None for llama.cpp."""
+    options = spec.vllm
+    if spec.backend == "vllm" or (spec.backend is None and options is not None):
+        if options is not None and options.gpu_memory_utilization is not None:
+            return options.gpu_memory_utilization
+        return VLLM_DEFAULT_GPU_SHARE
+    return None
 
 
 def combined(parts: Sequence[ModelNeeds]) -> ModelNeeds:
@@ -71,6 +95,7 @@ def combined(parts: Sequence[ModelNeeds]) -> ModelNeeds:
         context_size=parts[0].context_size,
         estimated=any(p.estimated for p in parts),
         formula=" + ".join(f"({p.formula})" for p in parts),
+        gpu_share=parts[0].gpu_share,
     )
 
 

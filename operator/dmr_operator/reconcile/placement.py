@@ -9,7 +9,9 @@ endpoints, making the new pod ready before it lets an old one go; this module on
 the target.
 
 Rules, in the order they apply:
-1. No pod is ever given more than its memory budget or its runner slots.
+1. No pod is ever given more than its memory budget or its runner slots. What a model takes
+   can depend on the pod: a vLLM model reserves its share of the pod's GPU memory
+   (``ModelNeeds.on_pod``).
 2. Stability first: a model stays where the previous placement put it (still in its pool, still
    fitting), then where pods report holding it, before anything new is placed; so a new pod or
    a deleted model never moves a model that still fits.
@@ -170,17 +172,21 @@ class _State:
     def wants_more(self, model: ModelDemand) -> bool:
         return len(self.placed[model.key]) < self.wanted(model)
 
+    @staticmethod
+    def need(model: ModelDemand, pod: RunnerPod) -> int:
+        return model.needs.on_pod(pod.gpu_memory_bytes)
+
     def fits(self, model: ModelDemand, pod: RunnerPod) -> bool:
         return (
             pod.key not in self.placed[model.key]
             and self.free_slots[pod.key] > 0
-            and self.free_memory[pod.key] >= model.needs.total_bytes
+            and self.free_memory[pod.key] >= self.need(model, pod)
         )
 
     def assign_if_fits(self, model: ModelDemand, pod: RunnerPod) -> None:
         if self.wants_more(model) and self.fits(model, pod):
             self.placed[model.key].append(pod.key)
-            self.free_memory[pod.key] -= model.needs.total_bytes
+            self.free_memory[pod.key] -= self.need(model, pod)
             self.free_slots[pod.key] -= 1
 
     def held_by(self, model: ModelDemand) -> list[RunnerPod]:
@@ -207,15 +213,14 @@ class _State:
 
     def preference(self, model: ModelDemand) -> _Preference:
         nodes = {self.pods[key].node for key in self.placed[model.key]}
+
         # Memory and runner slots run out together: the pod whose free memory per free slot is
         # closest to what the model needs. Small models go where slots are cheap in memory,
         # big ones where they are dear, and neither wastes the other's (60 mixed models on 8
         # pods: most free memory left 12 out, tightest memory fit 8, this fewer; BENCHMARKS.md).
-        need = model.needs.total_bytes
-
         def key(pod: RunnerPod) -> tuple[bool, float, str]:
             per_slot = self.free_memory[pod.key] / max(1, self.free_slots[pod.key])
-            return (pod.node in nodes, abs(per_slot - need), pod.key)
+            return (pod.node in nodes, abs(per_slot - self.need(model, pod)), pod.key)
 
         return key
 
@@ -226,14 +231,15 @@ class _State:
             wanted=self.wanted(model),
             placed=len(self.placed[model.key]),
             pool_pods=len(self.pool(model)),
-            needed_bytes=model.needs.total_bytes,
+            # On the pod it is compared with: a vLLM model's need is its share of that GPU.
+            needed_bytes=model.needs.total_bytes if largest is None else self.need(model, largest),
             largest_free_bytes=None if largest is None else self.free_memory[largest.key],
             largest_free_pod=None if largest is None else largest.key,
             slots_full=tuple(
                 pod.key
                 for pod in others
                 if self.free_slots[pod.key] <= 0
-                and self.free_memory[pod.key] >= model.needs.total_bytes
+                and self.free_memory[pod.key] >= self.need(model, pod)
             ),
         )
 
