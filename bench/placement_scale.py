@@ -189,7 +189,11 @@ class ScaleBench:
                 all_ready.shown = progress  # type: ignore[attr-defined]
             return items if len(items) == count and phases.get("Ready") == count else None
 
-        items = wait_for(all_ready, timeout=max(600, count * 0.2), interval=2, message="all Ready")
+        # A list of every DMRModel is a load of its own (30 MB at 10,000): not too often.
+        interval = max(2.0, count / 1000)
+        items = wait_for(
+            all_ready, timeout=max(600, count * 0.3), interval=interval, message="all Ready"
+        )
         ready = time.time()
         settled = self.settle(ready)
         rss, cpu_after = bench_run.proc_stats(self.operator.pid)

@@ -27,6 +27,7 @@ import kopf
 
 from dmr_operator import __version__, constants, metrics
 from dmr_operator.clients import kube as kube_client
+from dmr_operator.clients import modelrunner
 from dmr_operator.controllers import agents, dmrmodels, leadership
 from dmr_operator.reconcile import compatibility
 from dmr_operator.reconcile import leadership as leadership_rules
@@ -344,12 +345,10 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any, logger: Any, **
     # Deletion of a DMRModel retries quickly while runners answer; the cleanup itself is bounded.
     settings.execution.default_backoff = 5
 
-    memo.http = httpx.AsyncClient(
+    memo.http = modelrunner.runner_http_client(
         timeout=httpx.Timeout(15.0, connect=3.0),
-        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
         headers={"User-Agent": f"dmr-operator/{__version__}"},
         event_hooks={"response": [metrics.record_runner_response]},
-        trust_env=False,
     )
     memo.kube = kube_client.KubeClient(functools.partial(kube_credentials, settings))
     memo.dmrmodels = dmrmodels.DMRModelController(

@@ -334,3 +334,29 @@ async def test_a_malformed_config_listing_is_a_runner_error_not_a_crash(answer: 
         client = modelrunner.ModelRunnerClient(http, "http://runner")
         with pytest.raises(modelrunner.RunnerServerError, match="unexpected GET"):
             await client.read_configs()
+
+
+async def test_a_runner_busy_with_pulls_never_starves_another_of_connections() -> None:
+    # One pool for every runner let a few runners' pull streams take all connections, and the
+    # others' requests failed with PoolTimeout ("unreachable") at 1,500 runner pods.
+    slow, quick = ModelRunnerEmulator(), ModelRunnerEmulator()
+    slow.pull_line_delay = 0.2
+    await slow.start("127.0.0.1", 0)
+    await quick.start("127.0.0.1", 0)
+    transport = modelrunner.PerRunnerTransport(limits_per_runner=2)
+    http = httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(5.0, pool=None))
+    try:
+        busy = modelrunner.ModelRunnerClient(http, slow.url)
+        pulls = [asyncio.create_task(busy.pull(ref)) for ref in ("ai/qwen3:14B", "ai/smollm2")]
+        await asyncio.sleep(0.1)  # both of the slow runner's connections now stream a pull
+        started = time.monotonic()
+        configs = await modelrunner.ModelRunnerClient(http, quick.url).read_configs()
+        assert configs == [] and time.monotonic() - started < 1.0
+        assert not any(pull.done() for pull in pulls)
+        # A third request to the busy runner waits for its own connection, without timing out.
+        assert await busy.read_configs() == []
+        assert all(result.message for result in await asyncio.gather(*pulls))
+    finally:
+        await http.aclose()
+        await slow.stop()
+        await quick.stop()

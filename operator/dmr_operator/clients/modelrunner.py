@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import ssl
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -35,6 +36,64 @@ DEFAULT_TIMEOUT: Final = httpx.Timeout(10.0, connect=2.0)
 DEFAULT_PULL_READ_TIMEOUT: Final = 120.0
 # A preload blocks until the engine is up; model-runner itself gives up after 5 minutes.
 DEFAULT_PRELOAD_TIMEOUT: Final = 330.0
+
+
+# Connections to one runner: its configures in parallel, its pulls, a read-back, a size read.
+CONNECTIONS_PER_RUNNER: Final = 16
+# Runners whose connections are kept; beyond that the least recently used are closed.
+KEPT_RUNNERS: Final = 4096
+
+
+class PerRunnerTransport(httpx.AsyncBaseTransport):
+    """A connection pool per runner (scheme, host, port) behind one ``httpx.AsyncClient``.
+
+    One pool for all runners had two failures at 1,500 runner pods (bench/placement_scale.py):
+    a few runners' long pull streams took every connection, so other runners' requests timed
+    out waiting for one (``PoolTimeout``, shown as "runner unreachable"); and httpcore matches
+    every waiting request against every connection each time one frees, CPU that grows with
+    the square of the queue. Per runner, a busy runner only waits for itself, and no request
+    ever waits on the pool's clock (the runner's own parallelism is bounded by its worker).
+    """
+
+    def __init__(self, *, limits_per_runner: int = CONNECTIONS_PER_RUNNER) -> None:
+        self._limits = httpx.Limits(
+            max_connections=limits_per_runner, max_keepalive_connections=limits_per_runner // 4
+        )
+        self._pools: dict[tuple[bytes, bytes, int | None], httpx.AsyncHTTPTransport] = {}
+        # One TLS context for all: httpx builds one per transport otherwise (the CA bundle
+        # loaded each time, most of a megabyte per runner; runners speak plain HTTP anyway).
+        self._tls = ssl.create_default_context()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        origin = (url.raw_scheme, url.raw_host, url.port)
+        pool = self._pools.pop(origin, None)
+        if pool is None:
+            pool = httpx.AsyncHTTPTransport(verify=self._tls, limits=self._limits, trust_env=False)
+            if len(self._pools) >= KEPT_RUNNERS:
+                oldest = next(iter(self._pools))
+                await self._pools.pop(oldest).aclose()
+        self._pools[origin] = pool  # most recently used last
+        return await pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            await pool.aclose()
+
+
+def runner_http_client(**kwargs: Any) -> httpx.AsyncClient:
+    """The operator's one client for every runner: a pool per runner, no wait for a pool slot
+    that could time out (a runner's in-flight requests are bounded by its worker)."""
+    timeout: httpx.Timeout = kwargs.pop("timeout", DEFAULT_TIMEOUT)
+    return httpx.AsyncClient(
+        transport=PerRunnerTransport(),
+        timeout=httpx.Timeout(
+            connect=timeout.connect, read=timeout.read, write=timeout.write, pool=None
+        ),
+        trust_env=False,
+        **kwargs,
+    )
 
 
 # The inference route (and the rest of a minimal body) that loads a model in each mode.
