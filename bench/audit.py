@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
@@ -145,3 +146,24 @@ def last(
         ),
         default=None,
     )
+
+
+def wait_quiet(path: Path, *, since: float, quiet: float = 3.0, timeout: float = 60.0) -> float:
+    """Wait until the operator's last write (in the audit log at ``path``, after ``since``) is
+    ``quiet`` seconds old, at most ``timeout``; returns the time then."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(1)
+        last = max(
+            (
+                r.received
+                for r in read(path)
+                if r.received >= since
+                and r.verb in WRITE_VERBS
+                and r.user_agent.startswith(OPERATOR_AGENTS)
+            ),
+            default=since,
+        )
+        if time.time() - last >= quiet:
+            return time.time()
+    return time.time()

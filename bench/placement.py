@@ -61,6 +61,13 @@ def needs_bytes(model: emulator_state.CatalogueModel) -> int:
     ).total_bytes
 
 
+def print_table(rows: list[tuple[str, str, str]]) -> None:
+    """The rows as the markdown table BENCHMARKS.md takes."""
+    print("| what | figure | notes |\n|---|---|---|")
+    for what, figure, notes in rows:
+        print(f"| {what} | {figure} | {notes} |")
+
+
 class PlacementBench:
     def __init__(self, namespace: str = "bench-placement") -> None:
         self.namespace = namespace
@@ -341,9 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("operator peak RSS / CPU", f"{rss:.0f} MB / {cpu:.0f} s", ""))
     finally:
         bench.close()
-    print("| what | figure | notes |\n|---|---|---|")
-    for what, figure, notes in rows:
-        print(f"| {what} | {figure} | {notes} |")
+    print_table(rows)
     return 0
 
 

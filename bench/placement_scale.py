@@ -32,7 +32,7 @@ import kubernetes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import audit
+from bench import audit, placement
 from bench import run as bench_run
 from dmr_operator import constants
 from dmr_operator.reconcile import model_memory, model_routing
@@ -154,23 +154,8 @@ class ScaleBench:
         )
 
     def settle(self, since: float, quiet: float = 3.0, timeout: float = 300.0) -> float:
-        """When the operator's last write is ``quiet`` seconds old."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            time.sleep(1)
-            last = max(
-                (
-                    r.received
-                    for r in audit.read(self.cp.audit_log_path)
-                    if r.received >= since
-                    and r.verb in audit.WRITE_VERBS
-                    and r.user_agent.startswith(audit.OPERATOR_AGENTS)
-                ),
-                default=since,
-            )
-            if time.time() - last >= quiet:
-                return time.time()
-        return time.time()
+        """When the operator's last write is ``quiet`` seconds old (``audit.wait_quiet``)."""
+        return audit.wait_quiet(self.cp.audit_log_path, since=since, quiet=quiet, timeout=timeout)
 
     def scale(self) -> list[tuple[str, str, str]]:
         count = self.args.models
@@ -296,9 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench.idle()
     finally:
         bench.close()
-    print("| what | figure | notes |\n|---|---|---|")
-    for what, figure, notes in rows:
-        print(f"| {what} | {figure} | {notes} |")
+    placement.print_table(rows)
     return 0
 
 

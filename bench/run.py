@@ -316,24 +316,8 @@ class Bench:
         )
 
     def settle(self, since: float, quiet: float = 3.0, timeout: float = 60.0) -> float:
-        """Wait until the operator's last API request is ``quiet`` seconds old; returns then."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            time.sleep(1)
-            requests = audit.read(self.cp.audit_log_path)
-            last = max(
-                (
-                    r.received
-                    for r in requests
-                    if r.received >= since
-                    and r.verb in audit.WRITE_VERBS
-                    and r.user_agent.startswith(audit.OPERATOR_AGENTS)
-                ),
-                default=since,
-            )
-            if time.time() - last >= quiet:
-                return time.time()
-        return time.time()
+        """When the operator's last write is ``quiet`` seconds old (``audit.wait_quiet``)."""
+        return audit.wait_quiet(self.cp.audit_log_path, since=since, quiet=quiet, timeout=timeout)
 
     # --- 3. recovery ---------------------------------------------------------------------------
 
