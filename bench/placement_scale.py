@@ -80,7 +80,7 @@ class ScaleBench:
         self.core: Any = kubernetes.client.CoreV1Api(self.api)
         self.custom: Any = kubernetes.client.CustomObjectsApi(self.api)
         cluster.apply_crds(self.api)
-        self.emulators = cluster.EmulatorFactory(catalogue=self.models)
+        self.emulators = cluster.EmulatorFactory(catalogue=self.models, idle_check_interval=5.0)
         self.sim = nodesim.NodeSimulator(self.api, process_factory=self.emulators)
         self.sim.wait_synced()
         for index in range(args.nodes):

@@ -281,14 +281,8 @@ class PlacementKeeper:
     def _read_node(self, name: str, namespace: str) -> None:
         async def read() -> None:
             self.reads += 1
-            try:
-                node = await self.controller.kube.get(
-                    api_version="v1", kind="Node", namespace="", name=name
-                )
-            except kube_client.KubeError as error:  # e.g. rbac.readNodes off
-                logger.info("node %s unreadable, placing by runner slots alone: %s", name, error)
-                node = None
-            self.nodes[name] = node
+            # None (e.g. rbac.readNodes off): placed on by runner slots alone.
+            self.nodes[name] = await self.controller.node(name)
 
         self._spawn(("node", name), read(), namespace)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dmr_operator import constants, metrics
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SETTLE_RETRY_SECONDS = 5.0
+# Status writes (and Events) in progress at once: twice what the API client sends at once.
+WRITES_IN_FLIGHT = 2 * kube_client.MAX_IN_FLIGHT
 
 
 class StatusWriter:
@@ -92,12 +94,19 @@ class StatusWriter:
     async def flush(self) -> None:
         dirty, self._dirty = self._dirty, set()
         events, self._pending_events = self._pending_events, []
-        writes = [self._write(key) for key in sorted(dirty)]
-        await asyncio.gather(*writes)
+        # A bounded number at a time: 10,000 writes started at once held 10,000 request bodies
+        # and responses in memory while they queued for the API client.
+        in_flight = asyncio.Semaphore(WRITES_IN_FLIGHT)
+
+        async def bounded(write: Coroutine[Any, Any, None]) -> None:
+            async with in_flight:
+                await write
+
+        await asyncio.gather(*(bounded(self._write(key)) for key in sorted(dirty)))
         # Events after the status they describe, but not one by one: awaited in turn they held
         # the next status flush back (3 Events per model on 3 runners: 1,000 models took
         # 45 s from the last _configure to the last Ready).
-        await asyncio.gather(*(self.event_for(*event) for event in events))
+        await asyncio.gather(*(bounded(self.event_for(*event)) for event in events))
 
     def compute(self, key: str) -> dict[str, Any] | None:
         controller = self.controller

@@ -391,13 +391,7 @@ class RunnerWorker:
             return
         if not state.capacity_read:
             state.capacity_read = True
-            try:
-                node = await controller.kube.get(
-                    api_version="v1", kind="Node", namespace="", name=runner.node
-                )
-            except kube_client.KubeError as error:  # e.g. RBAC without nodes: nothing to say
-                logger.info("capacity of %s unknown: %s", runner.key, error)
-                node = None
+            node = await controller.node(runner.node)  # None: e.g. no right to read Nodes
             if node is not None:
                 state.capacity = capacity.capacity_of(node, pod_gpus=runner.gpus)
         if state.capacity is None:
