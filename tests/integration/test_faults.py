@@ -94,6 +94,27 @@ def test_runner_unreachable_at_create(
     assert recovery < 20
 
 
+def test_a_configured_model_is_ready_again_when_its_runner_answers_again(
+    api_client: Any,
+    namespace: str,
+    node_simulator: Any,
+    emulators: cluster.EmulatorFactory,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+) -> None:
+    # The runner keeps its configuration while it does not answer (a network blip, an
+    # overloaded pod): once it answers, the read-back shows it, and nothing is sent again.
+    (pod,) = pool(api_client, node_simulator, namespace, 1)
+    emulator = emulators.of(namespace, pod)
+    objects.create(PLURAL, cluster.dmrmodel("smol", SMOL))
+    objects.wait_phase(PLURAL, "smol", "Ready")
+    node_simulator.run(emulator.stop_listening())
+    wait_reason(objects, "smol", "RunnerUnreachable")  # the 2 s read-back found it gone
+    node_simulator.run(emulator.start_listening())
+    objects.wait_phase(PLURAL, "smol", "Ready", timeout=40)
+    assert len(configures(emulator)) == 1
+
+
 def test_runner_restart_drops_configs_of_many_models(
     api_client: Any,
     namespace: str,

@@ -197,7 +197,17 @@ class RunnerWorker:
         for key in [k for k in state.applied if k not in wanted]:
             del state.applied[key]
         work = [t for t in targets if self._needs_work(t, now)]
-        verify = now >= state.next_verify
+        # Models applied before the runner stopped answering are marked unreachable, and being
+        # applied they need no work: only a read-back can clear that (10,000 models on 1,500
+        # runners: 34 stayed Failed for good after one connect timeout each).
+        work_keys = {t.key for t in work}
+        recovering = [
+            t
+            for t in targets
+            if t.key not in work_keys
+            and controller.placement(t, runner).reason == Reason.RUNNER_UNREACHABLE
+        ]
+        verify = now >= state.next_verify or bool(recovering)
         if not work and not verify:
             await self._update_capacity(targets)
             self._mark_visited(targets)
@@ -214,6 +224,8 @@ class RunnerWorker:
             entries = cached if cached is not None and not verify else await client.read_configs()
             if verify:
                 self._verify(targets, entries)
+                for target in recovering:
+                    self._check(target, entries)
                 work = [t for t in targets if self._needs_work(t, now)]
             if work:
                 if state.store is None:
