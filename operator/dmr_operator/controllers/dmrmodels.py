@@ -567,13 +567,22 @@ class DMRModelController:
                 continue
             logger.info("pod %s: removing labels of deleted DMRModels %s", runner.key, orphans)
             with contextlib.suppress(kube_client.KubeError):
-                pod = await self.kube.label_pod(
-                    namespace=runner.namespace,
-                    name=runner.name,
-                    labels=dict.fromkeys(orphans),
-                )
-                if isinstance(pod, Mapping) and pod.get("metadata"):
-                    self.pod_changed(pod)
+                await self.relabel(runner, dict.fromkeys(orphans))
+
+    async def relabel(self, runner: runner_views.Runner, labels: Mapping[str, str | None]) -> None:
+        """Set (None: remove) labels on a runner pod, and take the patched pod in at once, not
+        when the watch brings it back: the status written next says who serves, and the echo
+        then changes nothing (one status write, not two). A pod already gone is no error: so
+        is its place in any Service."""
+        try:
+            pod = await self.kube.label_pod(
+                namespace=runner.namespace, name=runner.name, labels=labels
+            )
+        except kube_client.NotFound:
+            return
+        logger.info("pod %s: labels %s", runner.key, dict(labels))
+        if isinstance(pod, Mapping) and pod.get("metadata"):
+            self.pod_changed(pod)
 
     # --- lifecycle ------------------------------------------------------------------------------
 

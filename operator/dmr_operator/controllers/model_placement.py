@@ -416,13 +416,13 @@ class PlacementKeeper:
                 continue
             configured.append(key)
             if not self.labelled(target, runner):
-                await self._label(runner, {label: "true"})
+                await controller.relabel(runner, {label: "true"})
         if len(configured) < len(chosen) or not chosen:
             return  # the old copies serve until every new one does
         for runner in controller.pods_in(target.namespace):
             if runner.key not in chosen and self.labelled(target, runner):
                 # Out of the Service first, then out of memory: no request meets an unload.
-                await self._label(runner, {label: None})
+                await controller.relabel(runner, {label: None})
                 await controller.release(target, runner)
 
     async def forget_labels(self, target: ModelTarget) -> None:
@@ -433,7 +433,7 @@ class PlacementKeeper:
         async with self._locks.setdefault(target.key, asyncio.Lock()):
             for runner in self.controller.pods_in(target.namespace):
                 if self.labelled(target, runner):
-                    await self._label(runner, {label: None})
+                    await self.controller.relabel(runner, {label: None})
         self._locks.pop(target.key, None)
 
     def forget(self, key: str) -> None:
@@ -442,19 +442,6 @@ class PlacementKeeper:
         self.waiting.pop(key, None)
         self.unplanned.discard(key)
         self._services.pop(key, None)
-
-    async def _label(self, runner: runner_views.Runner, labels: Mapping[str, str | None]) -> None:
-        try:
-            pod = await self.controller.kube.label_pod(
-                namespace=runner.namespace, name=runner.name, labels=labels
-            )
-        except kube_client.NotFound:
-            return  # the pod is gone; so is its place in the Service
-        logger.info("pod %s: labels %s", runner.key, dict(labels))
-        if isinstance(pod, Mapping) and pod.get("metadata"):
-            # Known at once, not when the watch brings it back: the status written next says
-            # who serves, and the echo then changes nothing (one status write, not two).
-            self.controller.pod_changed(pod)
 
     async def _ensure_service(self, target: ModelTarget) -> None:
         body = self.controller.bodies.get(target.key) or {}
