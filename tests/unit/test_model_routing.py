@@ -44,7 +44,7 @@ def runner_pod(limits: dict[str, str]) -> runner_views.Runner:
 
 def test_a_gpu_pod_is_budgeted_its_gpus_times_the_nodes_memory_per_gpu() -> None:
     budget = model_routing.pod_budget(
-        runner_pod({"nvidia.com/gpu": "2", "memory": "8Gi"}), node(gpu_mib="24576"), pool="p"
+        runner_pod({"nvidia.com/gpu": "2", "memory": "8Gi"}), node(gpu_mib="24576")
     )
     assert budget is not None
     assert (budget.gpu_memory_bytes, budget.memory_bytes, budget.slots) == (48 * GIB, 48 * GIB, 8)
@@ -52,19 +52,19 @@ def test_a_gpu_pod_is_budgeted_its_gpus_times_the_nodes_memory_per_gpu() -> None
 
 def test_a_cpu_pod_with_a_memory_limit_is_budgeted_that_limit_not_its_nodes_memory() -> None:
     # Fifty pods on one node must not each be promised all of it: the cgroup limit is the pod's.
-    budget = model_routing.pod_budget(runner_pod({"memory": "24Gi"}), node(), pool="p")
+    budget = model_routing.pod_budget(runner_pod({"memory": "24Gi"}), node())
     assert budget is not None
     assert (budget.gpu_memory_bytes, budget.memory_bytes) == (0, 24 * GIB)
 
 
 def test_a_cpu_pod_without_a_limit_falls_back_to_its_nodes_allocatable_memory() -> None:
-    budget = model_routing.pod_budget(runner_pod({}), node(cpu="4", memory="64Gi"), pool="p")
+    budget = model_routing.pod_budget(runner_pod({}), node(cpu="4", memory="64Gi"))
     assert budget is not None
     assert (budget.memory_bytes, budget.slots) == (64 * GIB, 4)
 
 
 def test_a_node_without_a_cpu_count_gives_no_budget() -> None:
-    assert model_routing.pod_budget(runner_pod({}), node(cpu=None), pool="p") is None
+    assert model_routing.pod_budget(runner_pod({}), node(cpu=None)) is None
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ short and nothing more fits it."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from random import Random
 from typing import NamedTuple, TypeAlias
 
@@ -47,17 +47,19 @@ def pod(
     *,
     host: int = 0,
     slots: int = 8,
-    pool: str = "default",
-    holds: Sequence[str] = (),
+    pool: str | Collection[str] = "default",
+    holds: Mapping[str, int] | Sequence[str] = (),
 ) -> placement.RunnerPod:
+    """A pod; ``holds`` a mapping of model key to the bytes its copy takes, or model keys
+    (copies counted at 0 bytes: only their runner slot)."""
     return placement.RunnerPod(
         key=key,
-        pool=pool,
+        pools=frozenset([pool] if isinstance(pool, str) else pool),
         node=node,
         slots=slots,
         gpu_memory_bytes=gpu,
         host_memory_bytes=host,
-        holdings=frozenset(holds),
+        holdings=dict(holds) if isinstance(holds, Mapping) else dict.fromkeys(holds, 0),
     )
 
 
@@ -203,6 +205,54 @@ def test_a_shortfall_names_a_pool_without_room_for_more() -> None:
     )
 
 
+def test_a_copy_leaving_a_pod_counts_there_until_it_is_unloaded() -> None:
+    # m served from the 8 GiB pod with 4 GiB; its context grew and it now needs 10 GiB: it
+    # moves to the big pod, and its old copy still takes 4 GiB and a slot on the small one
+    # until it is unloaded there, so a 6 GiB model cannot go there meanwhile.
+    pods = [
+        pod("ns/small", "a", 8 * GIB, slots=2, holds={"ns/m": 4 * GIB}),
+        pod("ns/big", "b", 24 * GIB),
+    ]
+    models = [model("ns/m", 10 * GIB), model("ns/n", 6 * GIB)]
+    result = placement.place(models, pods, previous={"ns/m": ["ns/small"]})
+    assert result.pods == {"ns/m": ("ns/big",), "ns/n": ("ns/big",)}
+    one_slot = placement.place(
+        [model("ns/n", GIB)], [pod("ns/small", "a", 8 * GIB, slots=1, holds={"ns/m": 0})]
+    )
+    assert one_slot.pods == {"ns/n": ()}
+    assert one_slot.shortfalls["ns/n"].slots_full == ("ns/small",)
+
+
+def test_a_copy_placed_again_counts_once_at_the_larger_of_its_sizes() -> None:
+    held = pod("ns/p", "a", 16 * GIB, holds={"ns/m": 6 * GIB})
+    grown = placement.place([model("ns/m", 10 * GIB), model("ns/n", 6 * GIB)], [held])
+    assert grown.pods == {"ns/m": ("ns/p",), "ns/n": ("ns/p",)}  # 10 + 6 of 16
+    # Shrunk: its old size counts until the runner reloads it, so 4 GiB is not free yet.
+    shrunk = placement.place([model("ns/m", 2 * GIB), model("ns/n", 14 * GIB)], [held])
+    assert shrunk.pods == {"ns/m": ("ns/p",), "ns/n": ()}
+    # A pod already over its memory keeps the copies it has, and takes nothing more.
+    over = pod("ns/p", "a", 4 * GIB, holds={"ns/m": 6 * GIB, "ns/everywhere": GIB})
+    result = placement.place([model("ns/m", 6 * GIB), model("ns/n", GIB)], [over])
+    assert result.pods == {"ns/m": ("ns/p",), "ns/n": ()}
+
+
+def test_a_pod_in_two_pools_is_counted_once() -> None:
+    shared = pod("ns/p", "a", 10 * GIB, pool=("gpu", "fast"))
+    models = [model("ns/x", 6 * GIB, pool="gpu"), model("ns/y", 6 * GIB, pool="fast")]
+    result = placement.place(models, [shared])
+    assert result.pods == {"ns/x": ("ns/p",), "ns/y": ()}
+    assert placement.shortfall_message(result.shortfalls["ns/y"]) == (
+        "placed on 0 of 1 pods: needs 6.0 GiB, largest free 4.0 GiB on pod ns/p"
+    )
+
+
+def test_models_placement_does_not_decide_take_their_memory_and_slot() -> None:
+    # A model on every pod of the pool (no placement) is held at its size, with its slot.
+    pods = [pod("ns/p", "a", 16 * GIB, slots=2, holds={"ns/everywhere": 12 * GIB})]
+    result = placement.place([model("ns/m", 6 * GIB), model("ns/n", GIB)], pods)
+    assert result.pods == {"ns/m": (), "ns/n": ("ns/p",)}
+
+
 def test_keys_are_unique_and_replicas_not_negative() -> None:
     with pytest.raises(ValueError, match="two pods"):
         placement.place([], [pod("ns/p", "n"), pod("ns/p", "m")])
@@ -243,8 +293,12 @@ def pools(draw: st.DrawFn) -> Pool:
             draw(st.sampled_from((0, 4, 8, 12))) * GIB,
             host=draw(st.sampled_from((0, 6, 16))) * GIB,
             slots=draw(st.integers(0, 3)),
-            pool=draw(st.sampled_from(POOLS)),
-            holds=draw(st.lists(st.sampled_from(MODEL_KEYS), unique=True, max_size=3)),
+            pool=draw(st.sets(st.sampled_from(POOLS), min_size=1)),
+            holds=draw(
+                st.dictionaries(
+                    st.sampled_from(MODEL_KEYS), st.integers(0, 6).map(GIB.__mul__), max_size=3
+                )
+            ),
         )
         for key in pod_keys
     ]
@@ -258,7 +312,7 @@ previous_placements = st.dictionaries(
 
 
 def wanted(demand: placement.ModelDemand, pods: Sequence[placement.RunnerPod]) -> int:
-    in_pool = sum(1 for p in pods if p.pool == demand.pool)
+    in_pool = sum(1 for p in pods if demand.pool in p.pools)
     return in_pool if demand.replicas == placement.ALL else int(demand.replicas)
 
 
@@ -267,21 +321,35 @@ def free_memory(
     models: Sequence[placement.ModelDemand],
     pods: Sequence[placement.RunnerPod],
 ) -> tuple[dict[str, int], dict[str, int]]:
-    """Memory and slots left on each pod once the placement is carried out."""
-    memory = {p.key: p.memory_bytes for p in pods}
-    slots = {p.key: p.slots for p in pods}
-    for demand in models:
-        for key in result.pods[demand.key]:
-            memory[key] -= demand.needs.total_bytes
-            slots[key] -= 1
+    """Memory and slots left on each pod once the placement is carried out, while the copies
+    pods hold and no model is placed on again are still there (leaving, or not placement's):
+    a copy placed again takes the larger of its old and new size."""
+    needs = {m.key: m.needs.total_bytes for m in models}
+    memory, slots = {}, {}
+    for p in pods:
+        on_it = {key for key, keys in result.pods.items() if p.key in keys}
+        kept = {key: held for key, held in p.holdings.items() if key not in on_it}
+        used = sum(kept.values()) + sum(max(needs[k], p.holdings.get(k, 0)) for k in on_it)
+        memory[p.key] = p.memory_bytes - used
+        slots[p.key] = p.slots - len(on_it | set(p.holdings))
     return memory, slots
 
 
 def holding(
-    pods: Sequence[placement.RunnerPod], pods_of: Mapping[str, Sequence[str]]
+    pods: Sequence[placement.RunnerPod],
+    pods_of: Mapping[str, Sequence[str]],
+    models: Sequence[placement.ModelDemand],
 ) -> list[placement.RunnerPod]:
-    """The pods as they are once the placement is carried out."""
-    held = {p.key: frozenset(m for m, keys in pods_of.items() if p.key in keys) for p in pods}
+    """The pods once the placement is carried out: the placed copies at their size, the
+    copies that left unloaded, and those placement does not decide as they were."""
+    needs = {m.key: m.needs.total_bytes for m in models}
+    held = {
+        p.key: {
+            **{key: size for key, size in p.holdings.items() if key not in needs},
+            **{key: needs[key] for key, keys in pods_of.items() if p.key in keys},
+        }
+        for p in pods
+    }
     return [dataclasses.replace(p, holdings=held[p.key]) for p in pods]
 
 
@@ -304,14 +372,18 @@ def test_never_overcommits_and_stays_in_the_pool(
     pool: Pool, previous: dict[str, list[str]]
 ) -> None:
     models, pods, result, memory, slots = outcome(pool, previous)
-    assert all(left >= 0 for left in memory.values())
-    assert all(left >= 0 for left in slots.values())
     by_key = {p.key: p for p in pods}
+    for key, left in memory.items():
+        # A pod already over its memory by what it holds (its budget shrank, copies placement
+        # does not decide) is given nothing more; any other pod stays within its memory.
+        assert left >= min(0, by_key[key].memory_bytes - sum(by_key[key].holdings.values()))
+    for key, left in slots.items():
+        assert left >= min(0, by_key[key].slots - len(by_key[key].holdings))
     assert set(result.pods) == {m.key for m in models}
     for demand in models:
         placed = result.pods[demand.key]
         assert list(placed) == sorted(set(placed))
-        assert all(by_key[key].pool == demand.pool for key in placed)
+        assert all(demand.pool in by_key[key].pools for key in placed)
         assert len(placed) <= wanted(demand, pods)
 
 
@@ -339,10 +411,19 @@ def test_placing_again_changes_nothing(
     first = placement.place(models, pods, previous=previous)
     assert placement.place(models, pods, previous=first.pods) == first
     # And once the pods hold what they were given, with or without the previous placement
-    # (an operator that restarted has only what the pods hold).
-    held = holding(pods, first.pods)
-    assert placement.place(models, held, previous=first.pods) == first
-    assert placement.place(models, held) == first
+    # (an operator that restarted has only what the pods hold): every model stays, and only
+    # the room the copies that left have freed can add replicas to models short of theirs.
+    held = holding(pods, first.pods, models)
+    leaving = any(
+        key in first.pods and p.key not in first.pods[key] for p in pods for key in p.holdings
+    )
+    for again in (
+        placement.place(models, held, previous=first.pods),
+        placement.place(models, held),
+    ):
+        assert_only_additions(first, again, models)
+        if not leaving:
+            assert again == first
 
 
 @given(
@@ -365,7 +446,7 @@ def test_a_new_pod_moves_nothing(
     first = placement.place(models, pods, previous=previous)
     added = pod("ns/new", new_node, new_memory * GIB, pool=new_pool)
     if restarted:  # the operator lost its previous placement: only what pods hold remains
-        second = placement.place(models, [*holding(pods, first.pods), added])
+        second = placement.place(models, [*holding(pods, first.pods, models), added])
     else:
         second = placement.place(models, [*pods, added], previous=first.pods)
     assert_only_additions(first, second, models)
@@ -426,13 +507,13 @@ def test_with_room_everywhere_every_model_spreads(
 ) -> None:
     models, small = pool
     pods = [
-        pod(p.key, p.node, 1000 * GIB, slots=len(MODEL_KEYS), pool=p.pool) for p in small
+        pod(p.key, p.node, 1000 * GIB, slots=len(MODEL_KEYS), pool=p.pools) for p in small
     ]  # and nothing held yet: what pods hold is kept even on one node (stability first)
     result = placement.place(models, pods)
     by_key = {p.key: p for p in pods}
     for demand in models:
         placed = result.pods[demand.key]
-        pool_pods = [p for p in pods if p.pool == demand.pool]
+        pool_pods = [p for p in pods if demand.pool in p.pools]
         assert len(placed) == min(wanted(demand, pods), len(pool_pods))
         pool_nodes = {p.node for p in pool_pods}
         assert len({by_key[key].node for key in placed}) == min(len(placed), len(pool_nodes))
@@ -451,10 +532,20 @@ def test_a_shortfall_exactly_when_short_and_nothing_more_fits(
         if not short:
             continue
         shortfall = result.shortfalls[demand.key]
-        others = [p for p in pods if p.pool == demand.pool and p.key not in placed]
+        others = [p for p in pods if demand.pool in p.pools and p.key not in placed]
         need = demand.needs.total_bytes
-        # Greedy but maximal: no other pod of the pool has room for one more replica.
-        assert not [p for p in others if memory[p.key] >= need and slots[p.key] > 0]
+
+        # Greedy but maximal: no other pod of the pool has room for one more replica (a pod
+        # with a copy of this model leaving it counts that copy's room too).
+        assert not [
+            p
+            for p in others
+            if (
+                (held := p.holdings.get(demand.key)) is not None
+                and (need <= held or memory[p.key] + held >= need)
+            )
+            or (held is None and memory[p.key] >= need and slots[p.key] > 0)
+        ]
         assert (shortfall.wanted, shortfall.placed) == (wanted(demand, pods), len(placed))
         assert shortfall.needed_bytes == need
         assert shortfall.largest_free_bytes == max((memory[p.key] for p in others), default=None)

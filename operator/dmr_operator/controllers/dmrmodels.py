@@ -448,6 +448,18 @@ class DMRModelController:
         if model_placement.is_placed(target):
             await self.placer.forget_labels(target)
         self.model_gone(namespace, name)
+        try:
+            return await self._clean_off_runners(body, target, runners, applied_backends)
+        finally:
+            self.placer.unloaded(target)
+
+    async def _clean_off_runners(
+        self,
+        body: Mapping[str, Any],
+        target: ModelTarget,
+        runners: list[runner_views.Runner],
+        applied_backends: Mapping[str, str],
+    ) -> list[str]:
         spec = target.spec
         if spec is None or target.normalized is None or spec.deletion_policy == "Retain":
             return []
@@ -482,6 +494,12 @@ class DMRModelController:
         for problem in problems:
             await self.status.event(body, "Warning", "CleanupFailed", problem + "; released anyway")
         return problems
+
+    def configured_as(self, target: ModelTarget, runner_key: str) -> bool:
+        """Whether the runner's worker has applied the target's current spec there."""
+        worker = self.workers.get(runner_key)
+        applied = worker.state.applied.get(target.key) if worker is not None else None
+        return applied is not None and applied.fingerprint == target.fingerprint
 
     def _others_with_model(
         self, target: ModelTarget, runner: runner_views.Runner

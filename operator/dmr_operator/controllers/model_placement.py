@@ -81,6 +81,13 @@ class PlacementKeeper:
         self.claims: dict[str, Mapping[str, Any] | None] = {}
         self.slices: dict[str, list[Mapping[str, Any]] | None] = {}
         self.chosen: dict[str, tuple[str, ...]] = {}
+        # What each placed model needs for its current spec, and what each copy of it took when
+        # it was configured on a pod ((model key, pod key)): a copy a changed spec moves away
+        # from keeps its old size until it is unloaded.
+        self.planned_needs: dict[str, model_memory.ModelNeeds] = {}
+        self.copies: dict[str, dict[str, model_memory.ModelNeeds]] = {}  # model -> pod -> needs
+        # Copies out of their Service whose unload has not finished: still in the pod's memory.
+        self.releasing: dict[tuple[str, str], model_memory.ModelNeeds] = {}
         self.shortfalls: dict[str, placement.Shortfall] = {}
         self.waiting: dict[str, str] = {}
         # Models whose current spec has not been placed yet (its needs are being read): their
@@ -100,39 +107,50 @@ class PlacementKeeper:
 
     def replan(self, namespace: str) -> None:
         controller = self.controller
-        groups: dict[str, list[ModelTarget]] = {}
-        for target in controller.targets_in(namespace):
-            if is_placed(target) and target.key not in self.leaving:
-                groups.setdefault(pool_key(target), []).append(target)
+        targets = [
+            target
+            for target in controller.targets_in(namespace)
+            if is_placed(target) and target.key not in self.leaving
+        ]
         for key in [k for k in self.chosen if k.startswith(f"{namespace}/")]:
             known = controller.targets.get(key)
             if known is None or not is_placed(known):
                 self.forget(key)
-        for pool, targets in groups.items():
-            self._replan_pool(namespace, pool, targets)
+        if targets:
+            self._replan_namespace(namespace, targets)
 
-    def _replan_pool(self, namespace: str, pool: str, targets: list[ModelTarget]) -> None:
+    def _replan_namespace(self, namespace: str, targets: list[ModelTarget]) -> None:
+        """One placement for the namespace's placed models: pools whose selectors overlap
+        share their pods, and each pod is counted once."""
         controller = self.controller
-        runners = [
-            runner
-            for runner in controller.pods_in(namespace)
-            if runner.ready and controller.in_pool(targets[0], runner)
-        ]
-        budgets = [self._budget(runner, pool) for runner in runners]
+        pools = {target.key: pool_key(target) for target in targets}
+        examples = {pool: target for target in targets for pool in [pools[target.key]]}
+        members: list[tuple[runner_views.Runner, frozenset[str]]] = []
+        for runner in controller.pods_in(namespace):
+            if runner.ready:
+                member = frozenset(
+                    pool
+                    for pool, example in examples.items()
+                    if controller.in_pool(example, runner)
+                )
+                if member:
+                    members.append((runner, member))
+        budgets = [self._budget(runner) for runner, _ in members]
         if any(budget is None for budget in budgets):
             # A Node is still being read: placing without that pod would move models off it
             # (after an operator restart, off pods that serve them) only to move them back.
             return
-        pods = [budget for budget in budgets if budget is not None]
         demands = []
         for target in targets:
-            needs = self._needs(target, runners)
+            pool = pools[target.key]
+            needs = self._needs(target, [runner for runner, member in members if pool in member])
             if needs is None:
                 if target.key not in self.unplanned:
                     self.unplanned.add(target.key)
                     controller.status.mark(target.key)
                 continue
             self.unplanned.discard(target.key)
+            self.planned_needs[target.key] = needs
             spec = target.spec
             assert spec is not None and spec.placement is not None
             demands.append(
@@ -143,17 +161,22 @@ class PlacementKeeper:
                     needs=needs,
                 )
             )
-        # Holdings: the pods serving each model now (its label), the record across restarts.
-        by_label = {model_routing.placement_label(t.name): t.key for t in targets}
-        holdings = {
-            pod.key: frozenset(
-                by_label[label]
-                for label, value in controller.pods[pod.key].labels.items()
-                if value == "true" and label in by_label
-            )
-            for pod in pods
-        }
-        pods = [dataclasses.replace(pod, holdings=holdings[pod.key]) for pod in pods]
+        by_label = {model_routing.placement_label(target.name): target for target in targets}
+        everywhere = [
+            target
+            for target in controller.targets_in(namespace)
+            if target.valid
+            and not target.url
+            and not is_placed(target)
+            and target.key not in controller.conflicts
+        ]
+        pods = []
+        for (runner, member), budget in zip(members, budgets, strict=True):
+            assert budget is not None
+            holdings = self._holdings(runner, budget, by_label, everywhere)
+            if holdings is None:
+                return  # the size of a copy it holds is being read: nothing is guessed
+            pods.append(dataclasses.replace(budget, pools=member, holdings=holdings))
         result = placement.place(demands, pods, previous=self.chosen)
         for demand in demands:
             chosen = result.pods.get(demand.key, ())
@@ -167,13 +190,59 @@ class PlacementKeeper:
             else:
                 self.shortfalls[demand.key] = shortfall
 
-    def _budget(self, runner: runner_views.Runner, pool: str) -> placement.RunnerPod | None:
-        """The pod's budget, less what models on every pod of the pool (no placement) take:
-        a runner slot each. None while its Node is being read."""
+    def _holdings(
+        self,
+        runner: runner_views.Runner,
+        budget: placement.RunnerPod,
+        by_label: Mapping[str, ModelTarget],
+        everywhere: list[ModelTarget],
+    ) -> dict[str, int] | None:
+        """What the pod holds now, model key -> bytes, for placement to count until it is gone:
+        the placed models it serves (its placement labels; each with the needs it was
+        configured with, so a copy that no longer fits is counted until unloaded), the ones
+        being unloaded, and the models of its pools without placement (on every pod). None
+        while a size is being read. A size that cannot be read counts nothing (the model
+        says why in its own status) but still takes its runner slot."""
+        held: dict[str, int] = {}
+        sizes: list[tuple[str, model_memory.ModelNeeds | None]] = []
+        for label, value in runner.labels.items():
+            target = by_label.get(label) if value == "true" else None
+            if target is not None:
+                copy = self.copies.get(target.key, {}).get(runner.key)
+                sizes.append((target.key, copy or self._needs(target, [runner])))
+        for (model_key, pod_key), needs in self.releasing.items():
+            if pod_key == runner.key:
+                sizes.append((model_key, needs))
+        for target in everywhere:
+            if self.controller.in_pool(target, runner):
+                sizes.append((target.key, self._needs(target, [runner])))
+        for model_key, size in sizes:
+            if size is None:
+                if self._reading_needs(model_key):
+                    return None
+                held.setdefault(model_key, 0)
+            else:
+                held.setdefault(model_key, size.on_pod(budget.gpu_memory_bytes))
+        return held
+
+    def _reading_needs(self, model_key: str) -> bool:
+        """Whether a size of the model's is being read (rather than known to be unreadable)."""
+        target = self.controller.targets.get(model_key)
+        if target is None or target.spec is None:
+            return False
+        references = [target.normalized, *([target.draft] if target.draft else [])]
+        return any(
+            ("needs", (reference, target.spec.context_size)) in self._reading
+            for reference in references
+        )
+
+    def _budget(self, runner: runner_views.Runner) -> placement.RunnerPod | None:
+        """The pod's memory and runner slots (its pools and holdings are the caller's). None
+        while its Node is being read."""
         if runner.node is None:  # a Ready pod is always bound; be safe anyway
             return placement.RunnerPod(
                 key=runner.key,
-                pool=pool,
+                pools=frozenset(),
                 node="",
                 slots=0,
                 gpu_memory_bytes=0,
@@ -196,21 +265,20 @@ class PlacementKeeper:
             claims = [claim for key in keys if (claim := self.claims[key]) is not None]
             claimed = model_routing.claimed_gpu_memory(claims, self.slices[runner.node] or ())
         budget = (
-            model_routing.pod_budget(runner, node, pool=pool, claimed_gpu_memory=claimed)
+            model_routing.pod_budget(runner, node, claimed_gpu_memory=claimed)
             if node is not None
             else None
         )
         if budget is None:
             budget = placement.RunnerPod(
                 key=runner.key,
-                pool=pool,
+                pools=frozenset(),
                 node=runner.node,
                 slots=capacity.MAX_SLOTS,
                 gpu_memory_bytes=0,
                 host_memory_bytes=UNKNOWN_MEMORY,
             )
-        everywhere = sum(1 for t in self.controller.targets_for(runner.key) if not is_placed(t))
-        return dataclasses.replace(budget, slots=max(0, budget.slots - everywhere))
+        return budget
 
     def _needs(
         self, target: ModelTarget, runners: list[runner_views.Runner]
@@ -409,35 +477,67 @@ class PlacementKeeper:
         await self._ensure_service(target)
         label = model_routing.placement_label(target.name)
         configured = []
+        needs = None if target.key in self.unplanned else self.planned_needs.get(target.key)
         for key in chosen:
             runner = controller.pods.get(key)
             done = controller.placements.get((target.key, key))
             if runner is None or done is None or done.state != "Configured":
                 continue
             configured.append(key)
+            if needs is not None and controller.configured_as(target, key):
+                self.copies.setdefault(target.key, {})[key] = needs  # the old size is gone
             if not self.labelled(target, runner):
                 await controller.relabel(runner, {label: "true"})
         if len(configured) < len(chosen) or not chosen:
             return  # the old copies serve until every new one does
         for runner in controller.pods_in(target.namespace):
             if runner.key not in chosen and self.labelled(target, runner):
-                # Out of the Service first, then out of memory: no request meets an unload.
-                await controller.relabel(runner, {label: None})
-                await controller.release(target, runner)
+                await self._release(target, runner, label)
+
+    async def _release(self, target: ModelTarget, runner: runner_views.Runner, label: str) -> None:
+        """Out of the Service first, then out of memory: no request meets an unload. Until the
+        unload is done, the copy still counts on the pod."""
+        pair = (target.key, runner.key)
+        copies = self.copies.get(target.key, {})
+        needs = copies.get(runner.key) or self.planned_needs.get(target.key)
+        if needs is not None:
+            self.releasing[pair] = needs
+        try:
+            await self.controller.relabel(runner, {label: None})
+            copies.pop(runner.key, None)
+            await self.controller.release(target, runner)
+        finally:
+            if self.releasing.pop(pair, None) is not None:
+                self.controller.namespace_changed(runner.namespace)
 
     async def forget_labels(self, target: ModelTarget) -> None:
-        """A deleted model: its label comes off every pod (its Service goes with it)."""
+        """A deleted model: its label comes off every pod (its Service goes with it). Its
+        copies count on their pods until ``unloaded`` says the finalizer is done with them."""
         self.leaving.add(target.key)
-        self.forget(target.key)
         label = model_routing.placement_label(target.name)
         async with self._locks.setdefault(target.key, asyncio.Lock()):
             for runner in self.controller.pods_in(target.namespace):
                 if self.labelled(target, runner):
+                    copy = self.copies.get(target.key, {}).get(runner.key)
+                    needs = copy or self.planned_needs.get(target.key)
+                    if needs is not None:
+                        self.releasing[(target.key, runner.key)] = needs
                     await self.controller.relabel(runner, {label: None})
+        self.forget(target.key)
         self._locks.pop(target.key, None)
+
+    def unloaded(self, target: ModelTarget) -> None:
+        """The finalizer has unloaded a deleted model (or given up): its memory is free."""
+        pairs = [pair for pair in self.releasing if pair[0] == target.key]
+        for pair in pairs:
+            del self.releasing[pair]
+        if pairs:
+            self.controller.namespace_changed(target.namespace)
 
     def forget(self, key: str) -> None:
         self.chosen.pop(key, None)
+        self.planned_needs.pop(key, None)
+        self.copies.pop(key, None)
         self.shortfalls.pop(key, None)
         self.waiting.pop(key, None)
         self.unplanned.discard(key)

@@ -145,7 +145,7 @@ def pod_budget(
     runner: runner_views.Runner,
     node: Mapping[str, Any],
     *,
-    pool: str,
+    pools: frozenset[str] = frozenset(),
     claimed_gpu_memory: int | None = None,
 ) -> placement.RunnerPod | None:
     """What a runner pod can hold: its runner slots, its GPUs' memory (the devices its DRA
@@ -159,14 +159,13 @@ def pod_budget(
     allocatable = (node.get("status") or {}).get("allocatable") or {}
     return placement.RunnerPod(
         key=runner.key,
-        pool=pool,
+        pools=pools,
         node=runner.node or "",
         slots=runner_capacity.slots,
         gpu_memory_bytes=claimed_gpu_memory or runner_capacity.gpu_memory or 0,
         host_memory_bytes=memory_in_bytes(runner.memory_limit)
         or memory_in_bytes(allocatable.get("memory"))
         or 0,
-        holdings=frozenset(),
     )
 
 

@@ -11,7 +11,11 @@ the target.
 Rules, in the order they apply:
 1. No pod is ever given more than its memory budget or its runner slots. What a model takes
    can depend on the pod: a vLLM model reserves its share of the pod's GPU memory
-   (``ModelNeeds.on_pod``).
+   (``ModelNeeds.on_pod``). A copy a pod holds now (``RunnerPod.holdings``) is counted until
+   it is gone, wherever the model is placed: a model moving away still takes its memory and
+   slot on the old pod until it is unloaded there, and so do copies placement does not decide
+   (models on every pod of the pool, models whose new needs are still being read). A model
+   placed again on a pod that holds it takes its new size instead of its old one.
 2. Stability first: a model stays where the previous placement put it (still in its pool, still
    fitting), then where pods report holding it, before anything new is placed; so a new pod or
    a deleted model never moves a model that still fits.
@@ -51,12 +55,14 @@ class RunnerPod:
     """One model-runner pod: where it runs, what it can hold, what it holds now."""
 
     key: str  # namespace/name
-    pool: str
+    pools: frozenset[str]  # the pools whose selectors match it (selectors may overlap)
     node: str
     slots: int  # model-runner's runner slots, min(cores, 8) (reconcile.capacity)
     gpu_memory_bytes: int  # 0: a CPU pod, whose models live in host memory
     host_memory_bytes: int
-    holdings: frozenset[str] = field(default_factory=frozenset)  # model keys it holds now
+    # Model key -> the bytes its copy on this pod takes now (serving, or leaving and not yet
+    # unloaded). Each takes a runner slot too.
+    holdings: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def memory_bytes(self) -> int:
@@ -156,12 +162,15 @@ class _State:
     def __init__(self, models: Mapping[str, ModelDemand], pods: Mapping[str, RunnerPod]) -> None:
         self.models = models
         self.pods = pods
-        self.free_memory = {key: pod.memory_bytes for key, pod in pods.items()}
-        self.free_slots = {key: pod.slots for key, pod in pods.items()}
+        self.free_memory = {
+            key: pod.memory_bytes - sum(pod.holdings.values()) for key, pod in pods.items()
+        }
+        self.free_slots = {key: pod.slots - len(pod.holdings) for key, pod in pods.items()}
         self.placed: dict[str, list[str]] = {key: [] for key in models}
         self._pools: dict[str, list[RunnerPod]] = {}
         for key in sorted(pods):
-            self._pools.setdefault(pods[key].pool, []).append(pods[key])
+            for pool in pods[key].pools:
+                self._pools.setdefault(pool, []).append(pods[key])
 
     def pool(self, model: ModelDemand) -> list[RunnerPod]:
         return self._pools.get(model.pool, [])
@@ -177,17 +186,24 @@ class _State:
         return model.needs.on_pod(pod.gpu_memory_bytes)
 
     def fits(self, model: ModelDemand, pod: RunnerPod) -> bool:
-        return (
-            pod.key not in self.placed[model.key]
-            and self.free_slots[pod.key] > 0
-            and self.free_memory[pod.key] >= self.need(model, pod)
-        )
+        if pod.key in self.placed[model.key]:
+            return False
+        need = self.need(model, pod)
+        held = pod.holdings.get(model.key)
+        if held is not None:
+            # Its copy is there, with its slot: keeping it adds nothing, growing it must fit.
+            return need <= held or self.free_memory[pod.key] + held >= need
+        return self.free_slots[pod.key] > 0 and self.free_memory[pod.key] >= need
 
     def assign_if_fits(self, model: ModelDemand, pod: RunnerPod) -> None:
         if self.wants_more(model) and self.fits(model, pod):
+            held = pod.holdings.get(model.key)
             self.placed[model.key].append(pod.key)
-            self.free_memory[pod.key] -= self.need(model, pod)
-            self.free_slots[pod.key] -= 1
+            # The copy there is replaced by the new one: the larger of the two counts, since
+            # the old one takes its memory until the runner reloads it.
+            self.free_memory[pod.key] -= max(0, self.need(model, pod) - (held or 0))
+            if held is None:
+                self.free_slots[pod.key] -= 1
 
     def held_by(self, model: ModelDemand) -> list[RunnerPod]:
         return [pod for pod in self.pool(model) if model.key in pod.holdings]

@@ -1,0 +1,214 @@
+"""What the placement keeper (``controllers.model_placement``) hands the pure placement: every
+copy a pod holds, counted once, until it is gone. Without I/O: Nodes and model sizes are given
+as if read, runner workers are not started, and the one unload is a coroutine the test holds.
+
+The end-to-end moves on a real apiserver are in tests/integration/test_model_placement.py; here
+the accounting each of them relies on: a copy leaving a pod, a copy being unloaded, models on
+every pod of the pool, and pools whose selectors overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+import pytest
+
+from dmr_operator.controllers import dmrmodels
+from dmr_operator.reconcile import dmrmodel, model_memory, model_routing
+from dmr_operator.reconcile import runners as runner_views
+from dmr_operator.testing import cluster
+
+GIB = 2**30
+NS = "ns"
+
+
+def needs(size: int) -> model_memory.ModelNeeds:
+    return model_memory.ModelNeeds(
+        weights_bytes=size,
+        kv_cache_bytes=0,
+        compute_bytes=0,
+        context_size=None,
+        estimated=False,
+        formula="",
+    )
+
+
+def gpu_node(name: str, gpu_gib: int) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {"nvidia.com/gpu.memory": str(gpu_gib * 1024)}},
+        "status": {"capacity": {"cpu": "16"}, "allocatable": {"memory": "256Gi"}},
+    }
+
+
+def gpu_pod(name: str, node: str, **labels: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "uid": f"uid-{name}",
+            "labels": {"dmr.dev/pool": "default", **labels},
+        },
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {"name": "model-runner", "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+            ],
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": "10.0.0.9",
+            "containerStatuses": [{"name": "model-runner", "ready": True, "restartCount": 0}],
+        },
+    }
+
+
+class Cluster:
+    """A controller with GPU pods on known Nodes and models of known sizes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, **gpus: int) -> None:
+        self.controller = dmrmodels.DMRModelController(
+            http=httpx.AsyncClient(),
+            kube=None,  # type: ignore[arg-type]  # label patches go through relabel below
+            settings=dmrmodels.ControllerSettings(),
+        )
+        monkeypatch.setattr(self.controller, "_sync_workers", lambda touched: None)
+        self.sizes: dict[str, int] = {}
+        self.bodies: dict[str, dict[str, Any]] = {}
+        self.generation = 0
+        for pod, gib in gpus.items():
+            self.controller.placer.nodes[f"node-{pod}"] = gpu_node(f"node-{pod}", gib)
+            self.bodies[pod] = gpu_pod(pod, f"node-{pod}")
+            self.controller.pod_changed(self.bodies[pod])
+
+    def model(self, name: str, size_gib: float, **spec: Any) -> None:
+        """Create or change DMRModel ``name`` (``ai/name``), whose size is ``size_gib`` at the
+        contextSize given (the keeper caches sizes per reference and context)."""
+        self.generation += 1
+        body = cluster.dmrmodel(name, {"model": f"ai/{name}", **spec})
+        body["metadata"] |= {"namespace": NS, "uid": f"uid-{name}", "generation": self.generation}
+        reference = dmrmodel.target_from_object(body, allowed_runner_hosts=()).normalized
+        self.controller.placer.needs[(str(reference), spec.get("contextSize"))] = needs(
+            int(size_gib * GIB)
+        )
+        self.controller.model_changed(body)
+
+    def placed(self, name: str, replicas: int = 1, size_gib: float = 1, **spec: Any) -> None:
+        self.model(name, size_gib, placement={"replicas": replicas}, **spec)
+
+    def label(self, pod: str, model: str, value: str | None = "true") -> None:
+        """The placement label as the keeper's settle step sets it (None: taken off)."""
+        labels = self.bodies[pod]["metadata"]["labels"]
+        label = model_routing.placement_label(model)
+        if value is None:
+            labels.pop(label, None)
+        else:
+            labels[label] = value
+        self.controller.pod_changed(self.bodies[pod])
+
+    def serves(self, pod: str, model: str, size_gib: float) -> None:
+        """The model configured on the pod at that size and in its Service, as the keeper's
+        settle step leaves it."""
+        copies = self.controller.placer.copies.setdefault(f"{NS}/{model}", {})
+        copies[f"{NS}/{pod}"] = needs(int(size_gib * GIB))
+        self.label(pod, model)
+
+    def chosen(self, name: str) -> tuple[str, ...]:
+        return tuple(key.split("/", 1)[1] for key in self.controller.placer.chosen[f"{NS}/{name}"])
+
+    def runner(self, pod: str) -> runner_views.Runner:
+        return self.controller.pods[f"{NS}/{pod}"]
+
+
+def test_a_copy_moving_away_keeps_its_room_until_it_is_unloaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pods = Cluster(monkeypatch, small=8, big=24)
+    pods.placed("grower", size_gib=1, contextSize=4096)
+    assert pods.chosen("grower") == ("small",)
+    pods.serves("small", "grower", 1)
+    # Its context grows beyond the small GPU: it moves to the big one...
+    pods.placed("grower", size_gib=10, contextSize=65536)
+    assert pods.chosen("grower") == ("big",)
+    # ... and while its old copy is still on the small pod (labelled until the big one serves),
+    # a 7.5 GiB model that would fit the small GPU's 8 GiB does not go there.
+    pods.placed("filler", size_gib=7.5)
+    assert pods.chosen("filler") == ("big",)
+    pods.placed("second", size_gib=7.5)
+    assert pods.chosen("second") == ()
+    assert "largest free 7.0 GiB on pod ns/small" in str(
+        pods.controller.placer.view(pods.controller.targets[f"{NS}/second"]).shortfall
+    )
+
+
+def test_a_copy_being_unloaded_counts_until_the_unload_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pods = Cluster(monkeypatch, small=8, big=24)
+    pods.placed("grower", size_gib=1, contextSize=4096)
+    pods.serves("small", "grower", 1)
+    pods.placed("grower", size_gib=10, contextSize=65536)
+    pods.serves("big", "grower", 10)
+    unloading = asyncio.Event()
+    unloaded = asyncio.Event()
+
+    async def release(target: Any, runner: runner_views.Runner) -> None:
+        unloading.set()
+        await unloaded.wait()
+
+    async def relabel(runner: runner_views.Runner, labels: Mapping[str, str | None]) -> None:
+        for label, value in labels.items():
+            pods.label(runner.name, label.removeprefix(model_routing.PLACEMENT_LABEL_PREFIX), value)
+
+    monkeypatch.setattr(pods.controller, "release", release)
+    monkeypatch.setattr(dmrmodels, "REASSIGN_SHARE", 1.0)  # reassignment at each loop pass
+    monkeypatch.setattr(pods.controller, "relabel", relabel)
+    target = pods.controller.targets[f"{NS}/grower"]
+    label = model_routing.placement_label("grower")
+
+    async def scenario() -> None:
+        moving = asyncio.create_task(
+            pods.controller.placer._release(target, pods.runner("small"), label)
+        )
+        await unloading.wait()
+        # Out of its Service, not yet out of memory: the small GPU has 7 GiB free, not 8.
+        assert model_routing.placement_label("grower") not in pods.runner("small").labels
+        pods.placed("filler", size_gib=7.5)
+        await asyncio.sleep(0)  # the reassignment runs at the next loop pass
+        assert pods.chosen("filler") == ("big",)
+        pods.placed("second", size_gib=7.5)
+        await asyncio.sleep(0)
+        assert pods.chosen("second") == ()
+        unloaded.set()
+        await moving
+        await asyncio.sleep(0)
+        assert pods.chosen("second") == ("small",)  # the room is free once the unload is done
+
+    asyncio.run(scenario())
+
+
+def test_models_on_every_pod_take_their_memory_and_slot_on_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pods = Cluster(monkeypatch, a=16, b=16)
+    pods.model("everywhere", 12)  # no placement: on both pods, 12 of their 16 GiB
+    pods.placed("placed", size_gib=6)
+    assert pods.chosen("placed") == ()
+    shortfall = pods.controller.placer.view(pods.controller.targets[f"{NS}/placed"]).shortfall
+    assert shortfall == "placed on 0 of 1 pods: needs 6.0 GiB, largest free 4.0 GiB on pod ns/a"
+    pods.placed("small", size_gib=3)
+    assert pods.chosen("small") == ("a",)
+
+
+def test_a_pod_two_pools_select_is_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    pods = Cluster(monkeypatch, shared=10)
+    everyone = {"matchLabels": {"dmr.dev/pool": "default"}}
+    by_name = {"matchLabels": {"dmr.dev/pool": "default", "kubernetes.io/hostname": "x"}}
+    pods.bodies["shared"]["metadata"]["labels"]["kubernetes.io/hostname"] = "x"
+    pods.controller.pod_changed(pods.bodies["shared"])
+    pods.placed("x", size_gib=6, runners={"poolSelector": everyone})
+    pods.placed("y", size_gib=6, runners={"poolSelector": by_name})
+    assert pods.chosen("x") == ("shared",)
+    assert pods.chosen("y") == ()  # 6 + 6 GiB on a 10 GiB GPU, whichever selector found it
