@@ -9,8 +9,11 @@ with GGUF metadata, and the operator as its own process. Two phases:
    all settled (Ready, or Insufficient when the pool is full), the memory the placed copies need
    per pod against the pod's GPU (by the operator's own formula, ``reconcile.model_memory``),
    ``_configure`` calls per placed (model, pod), and what "every model on every pod" would need.
-2. Pod loss: ``--moving`` models with 2 replicas each; one node is removed while a client sends
-   a chat completion to every model's serving pods (those its Service selects) every 0.1 s.
+2. Pod loss, twice: ``--moving`` models with 2 replicas each, and the node of the pod holding
+   most of them is drained (cordon, then the Eviction API: the pod serves through the chart's
+   preStop sleep) or, the second time, gone at once (a crash). Meanwhile a client sends one chat
+   completion per model every 0.1 s through its Service, as kube-proxy routes it: to its Ready
+   endpoints in turn (the pods with its label, not terminating), else to terminating ones.
    Measured: time until every model is served from 2 pods again, requests failed meanwhile.
 
 Prints a markdown table (pasted into BENCHMARKS.md by hand, with the date).
@@ -47,6 +50,7 @@ CONFIGURE = "/engines/llama.cpp/_configure"
 SIZES_GIB = (0.4, 0.8, 4.0, 1.2, 6.0, 1.6, 9.0, 2.0, 14.0, 0.6)
 CONTEXT = 8192
 GPU_NODES = (("l4", 24576), ("h100", 81920))  # name, nvidia.com/gpu.memory (MiB)
+PRE_STOP_SECONDS = 15  # the chart's runnerPoolDefaults.preStopSleepSeconds
 
 
 def catalogue_model(name: str, size_gib: float) -> emulator_state.CatalogueModel:
@@ -93,7 +97,9 @@ class PlacementBench:
             message="the default ServiceAccount",
             ignore=(kubernetes.client.ApiException,),
         )
-        cluster.create_runner_pool(self.api, namespace=namespace, replicas=8, gpus=1)
+        cluster.create_runner_pool(
+            self.api, namespace=namespace, replicas=8, gpus=1, pre_stop_sleep=PRE_STOP_SECONDS
+        )
         self.pods = cluster.wait_for_runner_pods(self.api, namespace, "default", 8)
         self.node_of = {
             pod: self.core.read_namespaced_pod(pod, namespace).spec.node_name for pod in self.pods
@@ -110,8 +116,9 @@ class PlacementBench:
         self.cp.stop()
 
     def publish(self, models: list[emulator_state.CatalogueModel]) -> None:
-        for pod in self.pods:
-            emulator = self.emulators.of(self.namespace, pod)
+        """Every runner's registry serves ``models`` (those running now and those to come)."""
+        self.emulators.catalogue += tuple(models)
+        for emulator in self.emulators.in_namespace(self.namespace).values():
             for model in models:
                 emulator.catalogue[model.reference] = model
 
@@ -241,7 +248,26 @@ class PlacementBench:
 
     # --- phase 2 ------------------------------------------------------------------------------
 
-    def pod_loss(self, count: int) -> list[tuple[str, str, str]]:
+    def endpoints(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Model name -> the pods its Service sends to, as kube-proxy picks them: the Ready
+        ones that are not terminating; if none, the terminating ones still Ready (serving)."""
+        pods = self.core.list_namespaced_pod(self.namespace).items
+        prefix = model_routing.PLACEMENT_LABEL_PREFIX
+        found: dict[str, tuple[list[str], list[str]]] = {}
+        for pod in sorted(pods, key=lambda p: p.metadata.name):
+            ready = any(
+                c.type == "Ready" and c.status == "True" for c in pod.status.conditions or ()
+            )
+            for label, value in (pod.metadata.labels or {}).items():
+                if ready and label.startswith(prefix) and value == "true":
+                    ready_pods, terminating = found.setdefault(label.removeprefix(prefix), ([], []))
+                    leaving = pod.metadata.deletion_timestamp is not None
+                    (terminating if leaving else ready_pods).append(pod.metadata.name)
+        return found
+
+    def pod_loss(self, count: int, how: str) -> list[tuple[str, str, str]]:
+        """``how``: ``drain`` (cordon and evict: the pod gets its grace period and serves
+        through its preStop sleep) or ``crash`` (the node is gone at once, as on a power loss)."""
         small = [size for size in SIZES_GIB if size <= 2]
         models = [catalogue_model(f"move-{i:03d}", small[i % len(small)]) for i in range(count)]
         self.publish(models)
@@ -267,65 +293,72 @@ class PlacementBench:
         stop = threading.Event()
 
         def client() -> None:
+            """One chat completion per model every 0.1 s through its Service: to the next of
+            its endpoints in turn, as kube-proxy spreads connections."""
+            turn = Counter[str]()
             with httpx.Client(timeout=5.0) as http:
                 while not stop.is_set():
-                    for name, pods in self.serving().items():
-                        for pod in sorted(pods):
-                            address = self.sim.address_of(self.namespace, pod)
-                            # The lost pod is still in the API (and so its Service) for a
-                            # moment after its node went: requests there fail on any cluster.
-                            where = "lost pod" if pod == victim else "other pods"
-                            if address is None:
-                                outcome[f"{where}: no address"] += 1
-                                continue
-                            try:
-                                response = http.post(
-                                    f"http://{address}:{constants.RUNNER_PORT}/engines/v1/chat/completions",
-                                    json={
-                                        "model": f"ai/{name}",
-                                        "messages": [{"role": "user", "content": "hi"}],
-                                    },
-                                )
-                                outcome[
-                                    "ok"
-                                    if response.status_code == 200
-                                    else f"HTTP {response.status_code}"
-                                ] += 1
-                            except httpx.HTTPError as error:
-                                outcome[type(error).__name__] += 1
+                    for name, (ready, terminating) in self.endpoints().items():
+                        pods = ready or terminating
+                        pod = pods[turn[name] % len(pods)]
+                        turn[name] += 1
+                        where = "lost pod" if pod == victim else "other pods"
+                        address = self.sim.address_of(self.namespace, pod)
+                        if address is None:
+                            outcome[f"{where}: no address"] += 1
+                            continue
+                        try:
+                            response = http.post(
+                                f"http://{address}:{constants.RUNNER_PORT}/engines/v1/chat/completions",
+                                json={
+                                    "model": f"ai/{name}",
+                                    "messages": [{"role": "user", "content": "hi"}],
+                                },
+                            )
+                            ok = response.status_code == 200
+                            outcome[
+                                f"{where}: ok" if ok else f"{where}: HTTP {response.status_code}"
+                            ] += 1
+                        except httpx.HTTPError as error:
+                            outcome[f"{where}: {type(error).__name__}"] += 1
                     stop.wait(0.1)
 
         thread = threading.Thread(target=client, daemon=True)
         thread.start()
         time.sleep(1.0)  # a baseline of requests before the loss
         started = time.monotonic()
-        self.sim.remove_node(self.node_of[victim])
+        node = self.node_of[victim]
+        if how == "drain":
+            self.sim.drain_node(node)
+        else:
+            self.sim.remove_node(node)
 
         def recovered() -> bool:
-            now = self.serving()
+            now = self.endpoints()
             statuses = self.statuses()
             return all(
-                len(now.get(name, set()) - {victim}) == 2
+                len(set(now.get(name, ([], []))[0]) - {victim}) == 2
                 and statuses[name].get("placedSummary") == "2/2"
                 for name in names
             )
 
         wait_for(recovered, timeout=300, interval=0.2, message="every model on 2 pods again")
         elapsed = time.monotonic() - started
+        time.sleep(1.0)  # requests after the move too
         stop.set()
         thread.join(timeout=10)
-        failed = sum(v for k, v in outcome.items() if k != "ok")
-        elsewhere = sum(v for k, v in outcome.items() if k.startswith("other pods"))
+        total = sum(outcome.values())
+        failed = {k: v for k, v in outcome.items() if not k.endswith(": ok")}
         return [
             (
-                "pod loss: models (2 replicas) / on the lost pod",
+                f"pod loss ({how}): models (2 replicas) / on the lost pod",
                 f"{count} / {per_pod[victim]}",
-                victim,
+                f"{victim} on {node}",
             ),
-            ("pod loss: time until all served from 2 pods", f"{elapsed:.1f} s", ""),
+            (f"pod loss ({how}): time until all served from 2 pods", f"{elapsed:.1f} s", ""),
             (
-                "pod loss: requests failed during the move",
-                f"{failed} of {sum(outcome.values())} ({elsewhere} on pods still up)",
+                f"pod loss ({how}): requests failed",
+                f"{sum(failed.values())} of {total}",
                 ", ".join(f"{k}: {v}" for k, v in sorted(outcome.items())),
             ),
         ]
@@ -342,8 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         print("==> pack", flush=True)
         rows += bench.pack(args.models)
         bench.delete_all()
-        print("==> pod loss", flush=True)
-        rows += bench.pod_loss(args.moving)
+        print("==> pod loss: node drain", flush=True)
+        rows += bench.pod_loss(args.moving, "drain")
+        bench.delete_all()
+        print("==> pod loss: node crash", flush=True)
+        rows += bench.pod_loss(args.moving, "crash")
         rss, cpu = bench_run.proc_stats(bench.operator.pid)
         rows.append(("operator peak RSS / CPU", f"{rss:.0f} MB / {cpu:.0f} s", ""))
     finally:

@@ -7,15 +7,20 @@ with a GPU it fits (never the small one), spread over nodes; only those pods car
 its own Service selects exactly them; the other pods never hear of it; status lists the
 placement and PLACED says 2/2. A model that fits nowhere is Pending/Insufficient with the
 numbers. A chosen pod lost with its node: the model is configured on another big pod while the
-surviving pod keeps serving (it never loses its label), then serves from two pods again. A model
+surviving pod keeps serving (it never loses its label), then serves from two pods again. A
+drained node's pod (cordon, eviction) serves its one-replica model through its preStop sleep
+while the model is configured on another pod, so the model's Service always has a pod that
+answers, then lets it go. A model
 whose contextSize grows beyond its pod moves: configured on a big pod first while the old pod
 serves with its old configuration (never given one that does not fit it), then unloaded there.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import httpx
 import kubernetes
 import pytest
 
@@ -61,12 +66,32 @@ def pool(
 ) -> dict[str, str]:
     """Three nodes with a 24 GiB GPU and one with an 8 GiB GPU; one runner pod per node.
     Returns pod name -> node name."""
+    return make_pool(api_client, node_simulator, namespace)
+
+
+# Seconds a deleted runner pod serves on, as the chart's pools do (preStopSleepSeconds).
+PRE_STOP_SLEEP = 20
+
+
+@pytest.fixture
+def draining_pool(
+    api_client: Any, node_simulator: Any, namespace: str, emulators: cluster.EmulatorFactory
+) -> dict[str, str]:
+    """The pool above, its pods serving through a preStop sleep when deleted."""
+    return make_pool(api_client, node_simulator, namespace, pre_stop_sleep=PRE_STOP_SLEEP)
+
+
+def make_pool(
+    api_client: Any, node_simulator: Any, namespace: str, *, pre_stop_sleep: int = 0
+) -> dict[str, str]:
     for index in range(3):
         node_simulator.add_node(
             f"{namespace}-big-{index}", gpus=1, labels={"nvidia.com/gpu.memory": "24576"}
         )
     node_simulator.add_node(f"{namespace}-small", gpus=1, labels={"nvidia.com/gpu.memory": "8192"})
-    cluster.create_runner_pool(api_client, namespace=namespace, replicas=4, gpus=1)
+    cluster.create_runner_pool(
+        api_client, namespace=namespace, replicas=4, gpus=1, pre_stop_sleep=pre_stop_sleep
+    )
     names = cluster.wait_for_runner_pods(api_client, namespace, constants.DEFAULT_POOL, 4)
     core = kubernetes.client.CoreV1Api(api_client)
     return {name: core.read_namespaced_pod(name, namespace).spec.node_name for name in names}
@@ -178,6 +203,58 @@ def test_a_lost_pod_is_replaced_before_the_survivor_stops_serving(
     status = objects.status(DMRMODELS, "medium")
     assert {e["pod"] for e in status["placement"]} == {survivor, spare}
     assert status["placedSummary"] == "2/2"
+
+
+def test_a_drained_pods_model_is_served_throughout_its_move(
+    namespace: str,
+    draining_pool: dict[str, str],
+    node_simulator: Any,
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+    core: Any,
+    emulators: cluster.EmulatorFactory,
+) -> None:
+    # One replica: during a drain only the leaving pod has the model until another pod does.
+    create_placed(objects, "medium", 1)
+    status = placed_ready(objects, "medium", 1)
+    (leaving,) = [entry["pod"] for entry in status["placement"]]
+    node_simulator.drain_node(draining_pool[leaving])
+    started = time.monotonic()
+
+    def endpoints() -> tuple[set[str], set[str]]:
+        """The pods the model's Service sends to as kube-proxy picks them: its Ready ones,
+        else its terminating ones (still Ready while they run out their preStop sleep)."""
+        selector = f"{model_routing.placement_label('medium')}=true"
+        ready, terminating = set(), set()
+        for pod in core.list_namespaced_pod(namespace, label_selector=selector).items:
+            if any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or ()):
+                leaving_now = pod.metadata.deletion_timestamp is not None
+                (terminating if leaving_now else ready).add(pod.metadata.name)
+        return ready, terminating
+
+    def moved() -> str | None:
+        ready, terminating = endpoints()
+        # Never an outage: a pod the Service can send to, and it answers.
+        assert ready or terminating, "nobody could serve medium during the drain"
+        for pod in ready or terminating:
+            pod_address = node_simulator.address_of(namespace, pod)
+            answer = http.post(
+                f"http://{pod_address}:{constants.RUNNER_PORT}/engines/v1/chat/completions",
+                json={"model": "ai/medium", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert answer.status_code == 200, (pod, answer.text)
+        status = objects.status(DMRMODELS, "medium")
+        placed = [entry["pod"] for entry in status.get("placement") or ()]
+        done = status.get("phase") == "Ready" and ready == set(placed) and leaving not in ready
+        return placed[0] if done else None
+
+    with httpx.Client(timeout=5) as http:
+        new = wait_for(moved, timeout=PRE_STOP_SLEEP, message="medium served from another pod")
+    assert time.monotonic() - started < PRE_STOP_SLEEP  # moved within the preStop sleep
+    assert "-big-" in draining_pool[new] and new != leaving
+    # The leaving pod served while the new one was prepared, and let the model go after.
+    unloads = emulators.of(namespace, leaving).calls("POST", "/engines/unload")
+    assert any("ai/medium:latest" in str((c.body or {}).get("models")) for c in unloads), unloads
 
 
 def test_an_operator_restart_keeps_the_placement_and_writes_nothing(

@@ -1,5 +1,6 @@
 """The node simulator on the real control plane: GPU scheduling by the real scheduler, one
-loopback address per pod reachable over HTTP, crashes and restarts, readiness gates, deletion."""
+loopback address per pod reachable over HTTP, crashes and restarts, readiness gates, deletion,
+and a drain that lets a pod serve through its preStop sleep."""
 
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ def make_pod(
     port: int = 8000,
     labels: dict[str, str] | None = None,
     readiness_gates: list[str] | None = None,
+    pre_stop_sleep: int = 0,
 ) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": "main",
@@ -76,6 +78,8 @@ def make_pod(
         "ports": [{"name": "http", "containerPort": port}],
         "securityContext": agent_workload.container_security(read_only_root=True),
     }
+    if pre_stop_sleep:
+        container["lifecycle"] = {"preStop": {"sleep": {"seconds": pre_stop_sleep}}}
     if gpus:
         container["resources"] = {"limits": {GPU: str(gpus)}}
     return {
@@ -272,6 +276,33 @@ def test_removing_a_node_deletes_its_pods(
         timeout=30,
         message="the removed node's pod to be gone",
     )
+
+
+def test_a_drained_pod_serves_through_its_pre_stop_sleep_then_goes(
+    core: Any, namespace: str, node_simulator: nodesim.NodeSimulator, isolation: dict[str, str]
+) -> None:
+    node = f"n-{isolation['test.dmr.dev/run']}"
+    node_simulator.add_node(node, labels=isolation)
+    core.create_namespaced_pod(
+        namespace, make_pod("draining", node_selector=isolation, pre_stop_sleep=3)
+    )
+    pod = wait_for_pod(core, namespace, "draining", is_ready, "Ready")
+    url = f"http://{pod.status.pod_ip}:8000/"
+
+    assert node_simulator.drain_node(node) == [f"{namespace}/draining"]
+    assert core.read_node(node).spec.unschedulable is True
+    terminating = wait_for_pod(
+        core, namespace, "draining", lambda p: p.metadata.deletion_timestamp is not None, "evicted"
+    )
+    assert terminating.metadata.deletion_grace_period_seconds == 30
+    assert get(url).status_code == 200  # still serving in its preStop sleep
+    wait_for(
+        lambda: not core.list_namespaced_pod(namespace).items,
+        timeout=30,
+        message="the drained pod to be gone after its preStop sleep",
+    )
+    with pytest.raises(httpx.ConnectError):
+        get(url)
 
 
 def test_runner_pods_listen_on_the_dmr_port() -> None:

@@ -518,10 +518,33 @@ def test_pool_env_and_defaults_merge() -> None:
     }
 
 
+def test_pool_pods_serve_through_a_pre_stop_sleep_unless_turned_off() -> None:
+    objects = render(
+        {
+            "runnerPools": [
+                {"name": "p"},
+                {"name": "long", "preStopSleepSeconds": 60},
+                {"name": "off", "preStopSleepSeconds": 0},
+            ]
+        }
+    )
+    for name, sleep in (("p", 15), ("long", 60)):
+        statefulset, _ = pool_objects(objects, name)
+        pod = statefulset["spec"]["template"]["spec"]
+        assert runner_container(statefulset)["lifecycle"] == {
+            "preStop": {"sleep": {"seconds": sleep}}
+        }
+        assert pod["terminationGracePeriodSeconds"] == sleep + 30  # room to stop after it
+    off, _ = pool_objects(objects, "off")
+    assert "lifecycle" not in runner_container(off)  # an explicit 0 is not the default's 15
+    assert "terminationGracePeriodSeconds" not in off["spec"]["template"]["spec"]
+
+
 @pytest.mark.parametrize(
     "values",
     [
         {"replicaCount": "2"},
+        {"runnerPools": [{"name": "p", "preStopSleepSeconds": -1}]},
         {"unknownKey": True},
         {"watchNamespaces": ["Not_A_Namespace"]},
         {"allowedRunnerHosts": ["http://gpu-box:12434/"]},

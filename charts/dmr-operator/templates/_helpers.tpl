@@ -129,6 +129,7 @@ sprig's merge treats an explicit false as unset. Returns YAML; use with fromYaml
 {{- define "dmr-operator.pool" -}}
 {{- $pool := merge (deepCopy .pool) (deepCopy .root.Values.runnerPoolDefaults) }}
 {{- $_ := set $pool "cloudEnvironment" (ternary .pool.cloudEnvironment .root.Values.runnerPoolDefaults.cloudEnvironment (hasKey .pool "cloudEnvironment")) }}
+{{- $_ := set $pool "preStopSleepSeconds" (int (ternary .pool.preStopSleepSeconds .root.Values.runnerPoolDefaults.preStopSleepSeconds (hasKey .pool "preStopSleepSeconds"))) }}
 {{- /* engine picks the image flavour; vllm: true is the older spelling of engine: vllm. */}}
 {{- $engine := default (ternary "vllm" "llama.cpp" (and (hasKey .pool "vllm") .pool.vllm)) .pool.engine }}
 {{- $_ := set $pool "engine" $engine }}

@@ -132,9 +132,11 @@ def runner_pool_manifests(
     gpus: int = 0,
     gpu_resource: str = "nvidia.com/gpu",
     memory: str | None = None,
+    pre_stop_sleep: int = 0,
 ) -> list[dict[str, Any]]:
     """A StatefulSet of model-runner pods labelled for pool ``name`` and its Service;
-    ``memory``: the runner container's memory request and limit."""
+    ``memory``: the runner container's memory request and limit; ``pre_stop_sleep``: seconds
+    a deleted pod keeps serving (the chart's ``preStopSleepSeconds``)."""
     labels = {constants.POOL_LABEL: name}
     limits = {gpu_resource: str(gpus)} if gpus else {}
     if memory:
@@ -170,6 +172,11 @@ def runner_pool_manifests(
                             ],
                             "env": [{"name": "DO_NOT_TRACK", "value": "1"}],
                             "resources": resources,
+                            **(
+                                {"lifecycle": {"preStop": {"sleep": {"seconds": pre_stop_sleep}}}}
+                                if pre_stop_sleep
+                                else {}
+                            ),
                         }
                     ],
                 },

@@ -5,8 +5,11 @@ Nodes with the capacity, labels and taints a test asks for (GPU nodes included) 
 the real scheduler binds to one of them, does what a kubelet would: give the pod its own loopback
 address (127.N.0.1, 127.N.0.2, ...), start the process behind the pod on it, report the pod
 Running/Ready (honouring readiness gates), restart it on :meth:`NodeSimulator.crash`, and finish
-deletions. GPUs come either as an extended resource (``nvidia.com/gpu``, a device plugin's way) or
-as devices of a simulated DRA driver: a ResourceSlice per node that the real scheduler allocates
+deletions: at once, or after the pod's preStop ``sleep`` (the kubelet's own action; the process
+keeps serving meanwhile, within the grace period) so that a drained node
+(:meth:`NodeSimulator.drain_node`: cordon, then the Eviction API) terminates pods gracefully.
+GPUs come either as an extended resource (``nvidia.com/gpu``, a device plugin's way) or as devices
+of a simulated DRA driver: a ResourceSlice per node that the real scheduler allocates
 ResourceClaims from; the simulator then plays the driver's kubelet plugin for the claims of the
 pods it runs (checks the allocation is for this node and pod, reports the devices in the claim's
 status). The process behind a model-runner pod is the model-runner emulator, plugged in through a
@@ -180,6 +183,22 @@ class _SimulatedPod:
     """DRA devices the pod's claims were allocated, as ``driver/pool/device``."""
     container_started_at: dict[str, str] = field(default_factory=dict)
     last_terminated: dict[str, dict[str, Any]] = field(default_factory=dict)
+    terminating: threading.Timer | None = None  # deleted, running out its preStop sleep
+
+
+def termination_delay(pod: dict[str, Any]) -> float:
+    """Seconds a kubelet keeps a deleted pod's containers running: the longest preStop
+    ``sleep`` action of its containers, within its grace period (30 s unless set). An ``exec``
+    or ``httpGet`` preStop hook is not simulated (0 s)."""
+    spec = pod.get("spec") or {}
+    grace = spec.get("terminationGracePeriodSeconds")
+    deletion_grace = (pod.get("metadata") or {}).get("deletionGracePeriodSeconds")
+    limit = float(deletion_grace if deletion_grace is not None else 30 if grace is None else grace)
+    sleeps = [
+        float(((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep", {}).get("seconds", 0))
+        for c in runner_views.running_containers(spec)
+    ]
+    return max(0.0, min(max(sleeps, default=0.0), limit))
 
 
 class _WatchGone(Exception):
@@ -448,6 +467,28 @@ class NodeSimulator:
                 )
             )
 
+    def drain_node(self, name: str) -> list[str]:
+        """``kubectl drain``: cordon the Node, then evict each of its pods through the Eviction
+        API (each gets its grace period; controllers recreate them elsewhere). Returns the
+        evicted pods as ``namespace/name``."""
+        self._core.patch_node(name, {"spec": {"unschedulable": True}})
+        bound = self._core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={name}")
+        evicted = []
+        for pod in bound.items:
+            self._evict(pod.metadata.namespace, pod.metadata.name)
+            evicted.append(f"{pod.metadata.namespace}/{pod.metadata.name}")
+        return evicted
+
+    def _evict(self, namespace: str, name: str) -> None:
+        eviction = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": name, "namespace": namespace},
+        }
+        self._ignore_missing(
+            lambda: self._core.create_namespaced_pod_eviction(name, namespace, eviction)
+        )
+
     @property
     def nodes(self) -> list[str]:
         with self._lock:
@@ -623,6 +664,18 @@ class NodeSimulator:
             if node not in self._nodes:
                 return
             if metadata.get("deletionTimestamp"):
+                delay = termination_delay(pod)
+                if simulated is not None and simulated.terminating is not None:
+                    return  # already running out its preStop sleep
+                if simulated is not None and delay > 0:
+                    # The preStop sleep: still serving (Ready as probed; endpoints drop it as
+                    # terminating) until the timer stops it.
+                    simulated.terminating = threading.Timer(
+                        delay, self._finish_termination, args=(simulated,)
+                    )
+                    simulated.terminating.daemon = True
+                    simulated.terminating.start()
+                    return
                 if simulated is not None:
                     self._forget(simulated)
                 # No kubelet will confirm the containers stopped: finish the deletion ourselves.
@@ -735,8 +788,19 @@ class NodeSimulator:
         )
 
     def _forget(self, simulated: _SimulatedPod) -> None:
-        self._pods.pop((simulated.namespace, simulated.name), None)
+        if simulated.terminating is not None:
+            simulated.terminating.cancel()
+        if self._pods.get((simulated.namespace, simulated.name)) is simulated:
+            del self._pods[(simulated.namespace, simulated.name)]
         self._stop_process(simulated)
+
+    def _finish_termination(self, simulated: _SimulatedPod) -> None:
+        """The preStop sleep is over: the containers stop, the pod goes."""
+        if self._stopping.is_set():
+            return
+        with self._lock:
+            self._forget(simulated)
+            self._force_delete(simulated.namespace, simulated.name, simulated.uid)
 
     def _start_process(self, simulated: _SimulatedPod) -> None:
         if simulated.process is None:
@@ -766,10 +830,13 @@ class NodeSimulator:
 
     # -- API helpers ------------------------------------------------------------------------
 
-    def _force_delete(self, namespace: str, name: str) -> None:
+    def _force_delete(self, namespace: str, name: str, uid: str | None = None) -> None:
+        """Delete the pod now (``uid``: only that incarnation of the name)."""
+        # Options in the body: the apiserver reads the query's grace period only without one.
+        body = {"gracePeriodSeconds": 0, **({"preconditions": {"uid": uid}} if uid else {})}
         self._ignore_missing(
             lambda: self._core.delete_namespaced_pod(
-                name, namespace, grace_period_seconds=0, _preload_content=False
+                name, namespace, body=body, _preload_content=False
             )
         )
 
