@@ -68,6 +68,20 @@ def needs_bytes(model: emulator_state.CatalogueModel) -> int:
     ).total_bytes
 
 
+class MemrayOperatorProcess(OperatorProcess):
+    """The operator under ``memray run --aggregate`` (``--memray FILE``): where the memory at
+    its peak was allocated (``memray tree FILE``, ``memray stats FILE``). Slower; RSS figures
+    of such a run are not the operator's own."""
+
+    memray_output = ""
+
+    def argv(self) -> list[str]:
+        python, *rest = super().argv()
+        memray = ["-m", "memray", "run", "--aggregate", "--trace-python-allocators", "--force"]
+        memray += ["-o", self.memray_output]
+        return [python, *memray, *rest]
+
+
 class ScaleBench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -110,9 +124,12 @@ class ScaleBench:
             f"{time.monotonic() - started:.0f} s",
             flush=True,
         )
-        self.operator = OperatorProcess(
+        operator = MemrayOperatorProcess if args.memray else OperatorProcess
+        self.operator = operator(
             kubeconfig=self.cp.kubeconfig_path, verify_interval=args.verify_interval
         )
+        if args.memray:
+            self.operator.memray_output = args.memray
         self.operator.start()
 
     def close(self) -> None:
@@ -270,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=30)
     parser.add_argument("--idle-minutes", type=float, default=3.0)
     parser.add_argument("--verify-interval", type=float, default=60.0)
+    parser.add_argument("--memray", default="", help="run the operator under memray, into FILE")
     args = parser.parse_args(argv)
     print("==> setup", flush=True)
     bench = ScaleBench(args)

@@ -19,6 +19,9 @@ DEFAULT_POOL: Final = "default"
 AGENT_LABEL: Final = f"{GROUP}/agent"
 # Set on every object the operator creates for a DMRModel (its Service, with placement).
 MODEL_LABEL: Final = f"{GROUP}/dmrmodel"
+# placement.dmr.dev/<DMRModel>: "true" on the runner pods serving a placed model
+# (reconcile.model_routing); only its own Service selects it.
+PLACEMENT_LABEL_PREFIX: Final = "placement.dmr.dev/"
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "dmr-operator"
 

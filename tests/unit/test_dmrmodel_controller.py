@@ -142,3 +142,16 @@ def test_another_namespaces_pods_and_services_mark_nothing_here() -> None:
     assert [t.key for t in controller.targets_in("ns")] == ["ns/a"]
     controller.model_gone("ns", "a")
     assert controller.targets_in("ns") == []
+
+
+def test_a_placed_models_own_service_is_not_kept() -> None:
+    # One per placed DMRModel (10,000 at 10,000): never a pool's endpoint, so never held.
+    controller = placed_models("a")
+    own = service("dmrm-a", {"dmr.dev/pool": "default", "placement.dmr.dev/a": "true"})
+    controller.service_changed(own)
+    assert "dmrm-a" not in controller.services.get("ns", {})
+    assert marked(controller) == set()
+    pool = service("dmr-pool-default", {"dmr.dev/pool": "default"}, managedFields=[{"m": "x"}])
+    controller.service_changed(pool)
+    kept = controller.services["ns"]["dmr-pool-default"]
+    assert "managedFields" not in kept["metadata"] and kept["spec"] == pool["spec"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -204,3 +205,57 @@ def test_watched_objects_are_kept_without_managed_fields() -> None:
     assert body["metadata"]["managedFields"]  # the watched object itself is not changed
     plain = {"metadata": {"name": "m"}}
     assert documents.without_managed_fields(plain) is plain
+
+
+def test_a_watched_object_is_kept_as_its_identity_and_the_parts_asked_for() -> None:
+    body = json.loads(
+        json.dumps(
+            {
+                "apiVersion": "dmr.dev/v1alpha1",
+                "kind": "DMRModel",
+                "metadata": {
+                    "name": "m",
+                    "namespace": "ns",
+                    "uid": "u",
+                    "generation": 2,
+                    "resourceVersion": "7",
+                    "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                    "labels": {"team": "a"},
+                    "managedFields": [{"manager": "kubectl"}],
+                },
+                "spec": {"model": "ai/m"},
+                "status": {
+                    "phase": "Ready",
+                    "conditions": [{"type": "Ready", "message": "x" * 80}],
+                },
+            }
+        )
+    )
+    kept = documents.lean(body, "status")
+    assert kept == {
+        "apiVersion": "dmr.dev/v1alpha1",
+        "kind": "DMRModel",
+        "metadata": {
+            "name": "m",
+            "namespace": "ns",
+            "uid": "u",
+            "generation": 2,
+            "resourceVersion": "7",
+        },
+        "status": body["status"],
+    }
+    # Keys and short strings are shared with every other object that has them.
+    other = documents.lean(json.loads(json.dumps(body)), "status")
+    assert next(iter(other["status"])) is next(iter(kept["status"]))
+    assert other["status"]["phase"] is kept["status"]["phase"]
+    condition, other_condition = kept["status"]["conditions"][0], other["status"]["conditions"][0]
+    assert condition["message"] == other_condition["message"]
+    assert condition["message"] is not other_condition["message"]  # long ones are left alone
+
+
+def test_a_placed_models_own_service_never_fronts_a_pool() -> None:
+    pool = {"spec": {"selector": {"dmr.dev/pool": "default"}}}
+    placed = {"spec": {"selector": {"dmr.dev/pool": "default", "placement.dmr.dev/m": "true"}}}
+    assert runners.may_front_a_pool(pool)
+    assert not runners.may_front_a_pool(placed)
+    assert not runners.may_front_a_pool({"spec": {}})  # selectorless: endpoints by hand

@@ -114,8 +114,9 @@ class DMRModelController:
         """A DMRModel was added or modified (any watch event, status-only ones included)."""
         metadata = body.get("metadata") or {}
         key = f"{metadata.get('namespace')}/{metadata.get('name')}"
-        body = self.status.current(key, documents.without_managed_fields(body))
-        self.bodies[key] = body
+        body = self.status.current(key, body)
+        # Kept: what status patches and Events need; the spec lives on parsed in the target.
+        self.bodies[key] = documents.lean(body, "status")
         if metadata.get("deletionTimestamp"):
             return
         previous = self.targets.get(key)
@@ -188,9 +189,15 @@ class DMRModelController:
         namespace = str(metadata.get("namespace"))
         by_name = self.services.setdefault(namespace, {})
         name = str(metadata.get("name"))
+        if not deleted and not runner_views.may_front_a_pool(body):
+            # A placed model's own Service (10,000 of them at 10,000 placed DMRModels): never a
+            # pool's endpoint, not kept.
+            if name not in by_name:
+                return
+            deleted = True
         previous = by_name.pop(name, None) if deleted else by_name.get(name)
         if not deleted:
-            by_name[name] = body
+            by_name[name] = documents.lean(body, "spec")
         if not deleted and runner_views.endpoint_facts(previous) == runner_views.endpoint_facts(
             body
         ):

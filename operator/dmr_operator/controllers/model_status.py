@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dmr_operator import constants, metrics
@@ -94,19 +94,11 @@ class StatusWriter:
     async def flush(self) -> None:
         dirty, self._dirty = self._dirty, set()
         events, self._pending_events = self._pending_events, []
-        # A bounded number at a time: 10,000 writes started at once held 10,000 request bodies
-        # and responses in memory while they queued for the API client.
-        in_flight = asyncio.Semaphore(WRITES_IN_FLIGHT)
-
-        async def bounded(write: Coroutine[Any, Any, None]) -> None:
-            async with in_flight:
-                await write
-
-        await asyncio.gather(*(bounded(self._write(key)) for key in sorted(dirty)))
+        await _bounded(self._write(key) for key in sorted(dirty))
         # Events after the status they describe, but not one by one: awaited in turn they held
         # the next status flush back (3 Events per model on 3 runners: 1,000 models took
         # 45 s from the last _configure to the last Ready).
-        await asyncio.gather(*(bounded(self.event_for(*event)) for event in events))
+        await _bounded(self.event_for(*event) for event in events)
 
     def compute(self, key: str) -> dict[str, Any] | None:
         controller = self.controller
@@ -209,6 +201,19 @@ class StatusWriter:
             )
         except kube_client.KubeError as error:
             logger.warning("event %s not recorded: %s", reason, error)
+
+
+async def _bounded(writes: Iterator[Coroutine[Any, Any, None]]) -> None:
+    """Run the writes ``WRITES_IN_FLIGHT`` at a time, each made only when a slot is free: 10,000
+    writes started at once held their request bodies and responses in memory while they
+    queued for the API client, and 10,000 tasks waiting on a semaphore still held 10,000
+    coroutines."""
+
+    async def slot() -> None:
+        for write in writes:  # one iterator shared by the slots: each write is taken once
+            await write
+
+    await asyncio.gather(*(slot() for _ in range(WRITES_IN_FLIGHT)))
 
 
 def _same_status(previous: Mapping[str, Any], status: Mapping[str, Any]) -> bool:

@@ -116,9 +116,10 @@ class ModelTarget:
         """What a runner worker compares with what it applied: same object, generation and spec.
 
         Cached: workers compare it for every model on every pass, and a spec dump is not free.
+        A digest of the spec: it is kept per model and per runner that applied it.
         """
         spec = self.spec.model_dump_json() if self.spec else ""
-        return f"{self.uid}:{self.generation}:{spec}"
+        return f"{self.uid}:{self.generation}:{hashlib.sha256(spec.encode()).hexdigest()[:32]}"
 
     @property
     def identity(self) -> tuple[str, str, str]:

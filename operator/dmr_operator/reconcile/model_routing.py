@@ -25,7 +25,7 @@ from dmr_operator import constants
 from dmr_operator.reconcile import capacity, placement
 from dmr_operator.reconcile import runners as runner_views
 
-PLACEMENT_LABEL_PREFIX: Final = "placement.dmr.dev/"
+PLACEMENT_LABEL_PREFIX: Final = constants.PLACEMENT_LABEL_PREFIX
 SERVICE_PREFIX: Final = "dmrm-"
 # A label name (the part after the prefix) and a Service name (DNS-1035) both end at 63.
 _NAME_MAX: Final = 63

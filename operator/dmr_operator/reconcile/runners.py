@@ -216,6 +216,15 @@ def fronts_pool(service: Mapping[str, Any] | None, pool_labels: Mapping[str, str
     )
 
 
+def may_front_a_pool(service: Mapping[str, Any]) -> bool:
+    """Whether the Service could be a pool's endpoint: it selects pods, and not by a
+    placement label (those select a placed model's holders, never a whole pool)."""
+    service_selector = (service.get("spec") or {}).get("selector") or {}
+    return bool(service_selector) and not any(
+        str(key).startswith(constants.PLACEMENT_LABEL_PREFIX) for key in service_selector
+    )
+
+
 def endpoint_facts(service: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
     """What of a Service an endpoint depends on: another watch event with the same facts
     (a resourceVersion bump, an annotation) changes no DMRModel's endpoint."""
