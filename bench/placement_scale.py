@@ -276,6 +276,11 @@ class ScaleBench:
                 f"{len(emulators) / self.args.verify_interval:.1f})",
             ),
             ("idle: operator CPU", f"{cpu_after - cpu_before:.1f} s", ""),
+            (
+                "operator peak RSS (VmHWM) at the end",
+                f"{bench_run.proc_stats(self.operator.pid)[0]:.0f} MB",
+                "goal < 400 MB",
+            ),
         ]
 
 
