@@ -15,25 +15,15 @@ from typing import Any
 
 import httpx
 import pytest
+from test_placement import needs  # pytest puts tests/unit on the path
 
 from dmr_operator.controllers import dmrmodels
-from dmr_operator.reconcile import dmrmodel, model_memory, model_routing
+from dmr_operator.reconcile import dmrmodel, model_routing
 from dmr_operator.reconcile import runners as runner_views
 from dmr_operator.testing import cluster
 
 GIB = 2**30
 NS = "ns"
-
-
-def needs(size: int) -> model_memory.ModelNeeds:
-    return model_memory.ModelNeeds(
-        weights_bytes=size,
-        kv_cache_bytes=0,
-        compute_bytes=0,
-        context_size=None,
-        estimated=False,
-        formula="",
-    )
 
 
 def gpu_node(name: str, gpu_gib: int) -> dict[str, Any]:
