@@ -60,6 +60,10 @@ class ControllerSettings:
     busy_backoff: tuple[float, float] = (1.0, 30.0)
     """First and longest delay when a runner answers 409 busy."""
     unreachable_backoff: tuple[float, float] = (1.0, 30.0)
+    unreachable_tolerance: int = 3
+    """Attempts in a row a runner may fail to answer before its configured models say
+    RunnerUnreachable (a readiness probe's failureThreshold): a blip is retried after 1 and 2 s
+    without a status change. Models not configured there yet are told at the first failure."""
     failure_backoff: tuple[float, float] = (5.0, 300.0)
     """Pull failures and read-back mismatches: may be transient, never a hot loop."""
     delete_attempts: int = 3

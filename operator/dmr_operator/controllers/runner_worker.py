@@ -149,10 +149,16 @@ class RunnerWorker:
                 )
 
     def _next_deadline(self) -> float:
+        """When the next pass is due, given the pass just made: the next read-back or the
+        earliest retry still ahead, and never before the runner's own retry (a pass before it
+        does nothing). A due time already past would wake the worker at once, pass after pass:
+        a model's retry that was due was taken by the pass, or its model is gone from here."""
         state = self.state
-        deadlines = [state.next_verify, state.runner_backoff.retry_at or float("inf")]
-        deadlines += [b.retry_at for b in state.backoff.values() if b.retry_at]
-        return float(min(deadlines))
+        if state.runner.base_url is None or not state.runner.ready:
+            return float("inf")  # nothing can be done before its pod changes, which wakes us
+        now = self.controller.clock()
+        ahead = [b.retry_at for b in state.backoff.values() if b.retry_at > now]
+        return max(min([state.next_verify, *ahead]), state.runner_backoff.retry_at)
 
     # --- one pass ----------------------------------------------------------------------------
 
@@ -196,6 +202,8 @@ class RunnerWorker:
         wanted = {t.key for t in targets}
         for key in [k for k in state.applied if k not in wanted]:
             del state.applied[key]
+        for key in [k for k in state.backoff if k not in wanted]:
+            del state.backoff[key]
         work = [t for t in targets if self._needs_work(t, now)]
         # Models applied before the runner stopped answering are marked unreachable, and being
         # applied they need no work: only a read-back can clear that (10,000 models on 1,500
@@ -249,7 +257,14 @@ class RunnerWorker:
         except modelrunner.RunnerUnreachable as error:
             state.entries = None
             delay = state.runner_backoff.failed(settings.unreachable_backoff, controller.clock())
+            tolerated = state.runner_backoff.attempts < settings.unreachable_tolerance
+            if tolerated:
+                logger.warning("runner %s: %s (retry in %.0fs)", runner.key, error, delay)
             for target in targets:
+                # One missed read-back of a serving copy is not an outage worth a status write
+                # per model (10,000 of them at scale) and a Ready flap that GitOps tools show.
+                if tolerated and controller.placement(target, runner).state == "Configured":
+                    continue
                 self._fail(target, Reason.RUNNER_UNREACHABLE, f"{error} (retry in {delay:.0f}s)")
         await self._update_capacity(targets)
         self._mark_visited(targets)
