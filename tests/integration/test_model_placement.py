@@ -13,6 +13,8 @@ while the model is configured on another pod, so the model's Service always has 
 answers, then lets it go. A model
 whose contextSize grows beyond its pod moves: configured on a big pod first while the old pod
 serves with its old configuration (never given one that does not fit it), then unloaded there.
+A model deleted with ``deletionPolicy: Retain`` keeps its room on its pods until somebody
+unloads it there (the runner's read-back no longer lists it).
 """
 
 from __future__ import annotations
@@ -47,12 +49,14 @@ SEVEN_DRAFT = emulator_state.llama_like(
 # 0.5 GiB of weights and 128 KiB of KV cache per token: at 4096 tokens (1.1 GiB in all) its best
 # fit is the 8 GiB GPU (1 GiB per runner slot); at 65536 tokens (8.6 GiB) only a 24 GiB one.
 GROWER = emulator_state.llama_like("grower", size=GIB // 2, layers=32)
+# MEDIUM's size under another name.
+OTHER = emulator_state.llama_like("other", size=12 * GIB, layers=32)
 
 
 @pytest.fixture
 def emulators() -> cluster.EmulatorFactory:
     """Every runner's registry also serves the models above."""
-    return cluster.EmulatorFactory(catalogue=(MEDIUM, HUGE, SEVEN, SEVEN_DRAFT, GROWER))
+    return cluster.EmulatorFactory(catalogue=(MEDIUM, HUGE, SEVEN, SEVEN_DRAFT, GROWER, OTHER))
 
 
 @pytest.fixture
@@ -120,6 +124,11 @@ def placed_ready(objects: cluster.CustomObjects, name: str, count: int) -> Any:
         raise AssertionError(f"{error}; status now: {objects.status(DMRMODELS, name)}") from None
 
 
+def ready_condition(objects: cluster.CustomObjects, name: str) -> dict[str, Any]:
+    conditions = objects.status(DMRMODELS, name).get("conditions") or ()
+    return next((c for c in conditions if c["type"] == "Ready"), {})
+
+
 def test_a_model_is_placed_where_it_fits_and_served_only_there(
     namespace: str,
     pool: dict[str, str],
@@ -162,9 +171,8 @@ def test_a_model_that_fits_nowhere_says_so_with_the_numbers(
     create_placed(objects, "huge", 1)
 
     def insufficient() -> dict[str, Any] | None:
-        status = objects.status(DMRMODELS, "huge")
-        ready = [c for c in status.get("conditions") or () if c["type"] == "Ready"]
-        return ready[0] if ready and ready[0]["reason"] == "Insufficient" else None
+        ready = ready_condition(objects, "huge")
+        return ready if ready.get("reason") == "Insufficient" else None
 
     ready = wait_for(insufficient, timeout=60, message="huge Ready=False Insufficient")
     assert ready["status"] == "False"
@@ -408,3 +416,38 @@ def test_labels_of_a_model_deleted_while_no_operator_ran_come_off_its_pods(
             message=f"medium's label removed\n{restarted.log_tail(40)}",
         )
         assert len(labelled_pods(core, namespace, "grower")) == 1  # the living keep theirs
+
+
+def test_a_copy_a_deleted_model_retains_keeps_its_room_until_it_is_unloaded(
+    namespace: str,
+    pool: dict[str, str],
+    operator: OperatorProcess,
+    objects: cluster.CustomObjects,
+    emulators: cluster.EmulatorFactory,
+) -> None:
+    # deletionPolicy Retain leaves the model configured (and maybe loaded) on its pods, and
+    # model-runner admits no load by GPU memory: placement must not give its room away.
+    spec = {"model": "ai/medium", "placement": {"replicas": 3}, "deletionPolicy": "Retain"}
+    objects.create(DMRMODELS, cluster.dmrmodel("medium", spec))
+    held = {entry["pod"] for entry in placed_ready(objects, "medium", 3)["placement"]}
+    objects.delete(DMRMODELS, "medium")
+    wait_for(lambda: objects.get(DMRMODELS, "medium") is None, timeout=30, message="medium gone")
+    create_placed(objects, "other", 1)  # 13.1 GiB like medium: 10.9 GiB free on each big GPU
+    try:
+        wait_for(
+            lambda: "largest free 10.9 GiB" in ready_condition(objects, "other").get("message", ""),
+            timeout=60,
+            message="other Insufficient beside the retained copies",
+        )
+    except AssertionError as error:
+        raise AssertionError(f"{error}; status: {objects.status(DMRMODELS, 'other')}") from None
+    # Somebody unloads the retained copy from one pod: its next read-back frees the room.
+    freed = sorted(held)[0]
+    runner = emulators.in_namespace(namespace)[freed]
+    httpx.post(
+        f"{runner.url}/engines/unload",
+        json={"backend": "llama.cpp", "models": ["ai/medium"]},
+        timeout=10,
+    ).raise_for_status()
+    placed = placed_ready(objects, "other", 1)["placement"]
+    assert [entry["pod"] for entry in placed] == [freed]

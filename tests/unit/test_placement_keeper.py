@@ -10,6 +10,8 @@ every pod of the pool, and pools whose selectors overlap.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +19,9 @@ import httpx
 import pytest
 from test_placement import needs  # pytest puts tests/unit on the path
 
-from dmr_operator.controllers import dmrmodels
+from dmr_operator.clients import modelrunner
+from dmr_operator.controllers import dmrmodels, runner_worker
+from dmr_operator.dmr import wire
 from dmr_operator.reconcile import dmrmodel, model_routing
 from dmr_operator.reconcile import runners as runner_views
 from dmr_operator.testing import cluster
@@ -202,3 +206,155 @@ def test_a_pod_two_pools_select_is_counted_once(monkeypatch: pytest.MonkeyPatch)
     pods.placed("y", size_gib=6, runners={"poolSelector": by_name})
     assert pods.chosen("x") == ("shared",)
     assert pods.chosen("y") == ()  # 6 + 6 GiB on a 10 GiB GPU, whichever selector found it
+
+
+class Finalizer:
+    """The DMRModel finalizer (``DMRModelController.finalize``) on the cluster above: each
+    labelled pod's worker applied the model (digest ``sha256:<name>``); unloads fail when
+    ``unloads_fail`` is set (the runner answers nothing)."""
+
+    def __init__(self, pods: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.pods = pods
+        self.unloads_fail = False
+        controller = pods.controller
+        controller.settings = dataclasses.replace(controller.settings, delete_attempts=1)
+
+        async def relabel(runner: runner_views.Runner, labels: Mapping[str, str | None]) -> None:
+            for label, value in labels.items():
+                pods.label(
+                    runner.name, label.removeprefix(model_routing.PLACEMENT_LABEL_PREFIX), value
+                )
+
+        async def unload(*args: Any, **kwargs: Any) -> None:
+            if self.unloads_fail:
+                raise modelrunner.RunnerUnreachable("connection refused")
+
+        self.events: list[str] = []
+
+        async def event(body: Any, type_: str, reason: str, message: str) -> None:
+            self.events.append(reason)
+
+        monkeypatch.setattr(controller, "relabel", relabel)
+        monkeypatch.setattr(controller.status, "event", event)
+        monkeypatch.setattr(modelrunner.ModelRunnerClient, "unload", unload)
+
+    def delete(self, name: str) -> None:
+        controller = self.pods.controller
+        target = controller.targets[f"{NS}/{name}"]
+        for runner in controller.placer.runners_for(target):
+            worker = types.SimpleNamespace(state=types.SimpleNamespace(applied={}))
+            worker.state.applied[target.key] = runner_worker.Applied(
+                fingerprint=target.fingerprint,
+                backend="llama.cpp",
+                digest=f"sha256:{name}",
+                request={},
+            )
+            controller.workers[runner.key] = worker  # type: ignore[assignment]
+        body = cluster.dmrmodel(name, {"model": f"ai/{name}"})  # the finalizer reads its target
+        body["metadata"] |= {"namespace": NS, "uid": f"uid-{name}"}
+        asyncio.run(controller.finalize(body))
+        controller.workers.clear()
+
+    def runner_lists(self, pod: str, *names: str) -> None:
+        """A read-back of the pod's runner listing configurations of ``names`` only."""
+        entries = [
+            wire.ModelConfigEntry.model_validate(
+                {
+                    "Backend": "llama.cpp",
+                    "Model": f"ai/{n}",
+                    "ModelID": f"sha256:{n}",
+                    "Mode": "completion",
+                    "Config": {},
+                }
+            )
+            for n in names
+        ]
+        self.pods.controller.placer.listed(self.pods.runner(pod), entries)
+
+
+def test_a_copy_a_deleted_model_retains_counts_until_its_runner_lists_it_no_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pods = Cluster(monkeypatch, only=8)
+    finalizer = Finalizer(pods, monkeypatch)
+    pods.placed("kept", size_gib=6, deletionPolicy="Retain")
+    pods.serves("only", "kept", 6)
+    finalizer.delete("kept")
+    # Out of its Service, still in the runner's memory: 2 of the 8 GiB are free.
+    assert model_routing.placement_label("kept") not in pods.runner("only").labels
+    pods.placed("next", size_gib=6)
+    assert pods.chosen("next") == ()
+    finalizer.runner_lists("only", "kept", "other")  # still configured there
+    assert pods.chosen("next") == ()
+    finalizer.runner_lists("only", "other")  # unloaded by somebody: the room is free
+    assert pods.chosen("next") == ("only",)
+
+
+def test_a_copy_whose_unload_failed_counts_until_its_runner_restarts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pods = Cluster(monkeypatch, only=8)
+    finalizer = Finalizer(pods, monkeypatch)
+    pods.placed("stuck", size_gib=6)
+    pods.serves("only", "stuck", 6)
+    finalizer.unloads_fail = True
+    finalizer.delete("stuck")
+    assert finalizer.events == ["CleanupFailed"]  # and the finalizer is released anyway
+    pods.placed("next", size_gib=6)
+    assert pods.chosen("next") == ()
+    # The runner container restarted: model-runner forgot every configuration it had.
+    pods.bodies["only"]["status"]["containerStatuses"][0]["restartCount"] = 1
+    pods.controller.pod_changed(pods.bodies["only"])
+    assert pods.chosen("next") == ("only",)
+
+
+def test_an_unloaded_copy_frees_its_room_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    pods = Cluster(monkeypatch, only=8)
+    finalizer = Finalizer(pods, monkeypatch)
+    pods.placed("gone", size_gib=6)
+    pods.serves("only", "gone", 6)
+    finalizer.delete("gone")
+    pods.placed("next", size_gib=6)
+    assert pods.chosen("next") == ("only",)
+
+
+def test_a_model_created_again_takes_over_the_copy_its_namesake_retained(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A GitOps move (the DMRModel deleted with Retain, applied again under another name): the
+    # model's copy is where it was, counted once, and stays there.
+    pods = Cluster(monkeypatch, only=16)
+    finalizer = Finalizer(pods, monkeypatch)
+    pods.placed("before", size_gib=10, model="ai/shared", deletionPolicy="Retain")
+    pods.serves("only", "before", 10)
+    finalizer.delete("before")
+    pods.placed("after", size_gib=10, model="ai/shared")
+    assert pods.chosen("after") == ("only",)  # not 10 GiB more beside the copy: that one
+    pods.serves("only", "after", 10)
+    pods.placed("filler", size_gib=5)  # 6 GiB free beside the one copy of ai/shared
+    assert pods.chosen("filler") == ("only",)
+
+
+def test_a_copy_whose_unload_failed_after_a_move_still_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pods = Cluster(monkeypatch, small=8, big=24)
+    finalizer = Finalizer(pods, monkeypatch)
+    pods.placed("grower", size_gib=1, contextSize=4096)
+    pods.serves("small", "grower", 1)
+    pods.placed("grower", size_gib=10, contextSize=65536)
+    pods.serves("big", "grower", 10)
+
+    async def release(target: Any, runner: runner_views.Runner) -> str:
+        return "sha256:grower"  # the runner did not answer the unload
+
+    monkeypatch.setattr(pods.controller, "release", release)
+    target = pods.controller.targets[f"{NS}/grower"]
+    label = model_routing.placement_label("grower")
+    asyncio.run(pods.controller.placer._release(target, pods.runner("small"), label))
+    pods.placed("filler", size_gib=7.5)  # the small GPU's 8 GiB hold 7 beside the old copy
+    assert pods.chosen("filler") == ("big",)
+    pods.placed("second", size_gib=7.5)
+    assert pods.chosen("second") == ()
+    finalizer.runner_lists("small")  # its read-back: the old copy is gone after all
+    assert pods.chosen("second") == ("small",)

@@ -387,12 +387,11 @@ class DMRModelController:
         for key in sorted(touched):
             runner = self._assigned_runner(key)
             pod = self.pods.get(key)
-            if (
-                runner is None
-                and pod is not None
-                and runner_worker.READINESS_GATE in pod.readiness_gates
-            ):
-                runner = pod  # a gated runner must be told "nothing to configure" too
+            if runner is None and pod is not None:
+                if runner_worker.READINESS_GATE in pod.readiness_gates:
+                    runner = pod  # a gated runner must be told "nothing to configure" too
+                elif pod.ready and self.placer.holds_left_copies(key):
+                    runner = pod  # its read-backs tell when the copies left there are gone
             worker = self.workers.get(key)
             if runner is None:
                 if worker is not None:
@@ -450,8 +449,8 @@ class DMRModelController:
             body, allowed_runner_hosts=self.settings.allowed_runner_hosts
         )
         runners = list(self.runners_for(key))
-        applied_backends = {
-            runner.key: state.applied[key].backend
+        applied = {
+            runner.key: state.applied[key]
             for runner in runners
             if (worker := self.workers.get(runner.key)) is not None
             and (state := worker.state).applied.get(key) is not None
@@ -459,26 +458,35 @@ class DMRModelController:
         if model_placement.is_placed(target):
             await self.placer.forget_labels(target)
         self.model_gone(namespace, name)
+        left: dict[str, str] = {}
         try:
-            return await self._clean_off_runners(body, target, runners, applied_backends)
+            problems, kept = await self._clean_off_runners(body, target, runners, applied)
+            left = {pod: applied[pod].digest for pod in kept if pod in applied}
+            return problems
         finally:
-            self.placer.unloaded(target)
+            self.placer.unloaded(target, left)
 
     async def _clean_off_runners(
         self,
         body: Mapping[str, Any],
         target: ModelTarget,
         runners: list[runner_views.Runner],
-        applied_backends: Mapping[str, str],
-    ) -> list[str]:
+        applied: Mapping[str, runner_worker.Applied],
+    ) -> tuple[list[str], set[str]]:
+        """Unload (or delete) the model on each runner; the problems met, and the runners
+        whose copy stays (Retain, or the unload failed)."""
         spec = target.spec
-        if spec is None or target.normalized is None or spec.deletion_policy == "Retain":
-            return []
+        if spec is None or target.normalized is None:
+            return [], set()
+        if spec.deletion_policy == "Retain":
+            return [], {runner.key for runner in runners}
         problems: list[str] = []
+        kept: set[str] = set()
 
         async def clean(runner: runner_views.Runner) -> None:
             others = self._others_with_model(target, runner)
-            backend = applied_backends.get(runner.key) or spec.backend or "llama.cpp"
+            was = applied.get(runner.key)
+            backend = (was.backend if was else None) or spec.backend or "llama.cpp"
             if any((t.spec and t.spec.backend) in (None, backend) for t in others):
                 return  # another DMRModel still serves this model here: leave it loaded
             if runner.base_url is None:
@@ -500,11 +508,12 @@ class DMRModelController:
                         continue
                     problem = f"could not unload {target.normalized} from {runner.name}: {error}"
                     problems.append(problem)
+                    kept.add(runner.key)
 
         await asyncio.gather(*(clean(runner) for runner in runners))
         for problem in problems:
             await self.status.event(body, "Warning", "CleanupFailed", problem + "; released anyway")
-        return problems
+        return problems, kept
 
     def configured_as(self, target: ModelTarget, runner_key: str) -> bool:
         """Whether the runner's worker has applied the target's current spec there."""
@@ -522,9 +531,10 @@ class DMRModelController:
             if other.key != target.key and other.normalized == target.normalized
         ]
 
-    async def release(self, target: ModelTarget, runner: runner_views.Runner) -> None:
+    async def release(self, target: ModelTarget, runner: runner_views.Runner) -> str | None:
         """Unload a placed model from a pod it moved away from (already out of its Service);
-        the weights stay in the pod's store, a cache for the next placement there."""
+        the weights stay in the pod's store, a cache for the next placement there. Returns the
+        model's digest when its copy may still be there (the unload failed), else None."""
         worker = self.workers.get(runner.key)
         applied = worker.state.applied.pop(target.key, None) if worker else None
         others = self._others_with_model(target, runner)
@@ -532,7 +542,7 @@ class DMRModelController:
             worker.state.view_stale = True
         self.namespace_changed(runner.namespace)
         if others or runner.base_url is None or target.normalized is None:
-            return
+            return None
         backend = (applied.backend if applied else None) or (
             target.spec.backend if target.spec else None
         )
@@ -541,6 +551,8 @@ class DMRModelController:
             await client.unload(backend=backend or "llama.cpp", models=[target.normalized])
         except modelrunner.RunnerError as error:
             logger.info("unloading %s from %s: %s", target.normalized, runner.key, error)
+            return applied.digest if applied is not None else None
+        return None
 
     async def seed(self, namespaces: Iterable[str]) -> None:
         """Load runner pods and Services once before kopf's watches deliver them.

@@ -20,6 +20,11 @@ model has no runners at all: the old pods serve what they have rather than take 
 that may not fit them. The label is the record: after an operator restart, the labelled pods are
 the previous placement.
 
+A copy no DMRModel serves any more but its runner may still hold (``deletionPolicy: Retain``,
+or an unload that failed) is a ``LeftCopy``: it counts on its pod until the runner's read-back
+no longer lists its configuration or the runner restarts, and a DMRModel of the same model
+placed later in the namespace takes it over rather than adding a second copy.
+
 Neighbours: ``controllers.model_status`` calls ``settle`` and reads ``view`` (a
 ``reconcile.dmrmodel.PlacementSummary``); I/O through
 ``clients.kube`` (Nodes, pod labels, the model's Service) and ``clients.modelrunner``.
@@ -31,11 +36,12 @@ import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from dmr_operator.clients import kube as kube_client
 from dmr_operator.clients import modelrunner
+from dmr_operator.dmr import wire
 from dmr_operator.reconcile import capacity, model_memory, model_routing, placement, selectors
 from dmr_operator.reconcile import runners as runner_views
 from dmr_operator.reconcile.dmrmodel import ModelTarget, PlacementSummary
@@ -49,6 +55,18 @@ logger = logging.getLogger(__name__)
 NEEDS_RETRY_SECONDS: Final = 30.0
 # A pod whose Node cannot be read (rbac.readNodes off) is placed on by runner slots alone.
 UNKNOWN_MEMORY: Final = 2**62
+
+
+@dataclasses.dataclass(frozen=True)
+class LeftCopy:
+    """A copy of a model on a pod that no DMRModel serves but the runner may still hold."""
+
+    reference: str
+    model_id: str
+    """The model's digest, as the runner lists it in ``GET /engines/_configure``."""
+    needs: model_memory.ModelNeeds
+    incarnation: tuple[str, ...]
+    """The runner process it was left on: a restarted one holds nothing."""
 
 
 def is_placed(target: ModelTarget) -> bool:
@@ -88,6 +106,8 @@ class PlacementKeeper:
         self.copies: dict[str, dict[str, model_memory.ModelNeeds]] = {}  # model -> pod -> needs
         # Copies out of their Service whose unload has not finished: still in the pod's memory.
         self.releasing: dict[tuple[str, str], model_memory.ModelNeeds] = {}
+        # Copies left on pods by deleted or moved models: pod key -> model key -> copy.
+        self.left: dict[str, dict[str, LeftCopy]] = {}
         self.shortfalls: dict[str, placement.Shortfall] = {}
         self.waiting: dict[str, str] = {}
         # Models whose current spec has not been placed yet (its needs are being read): their
@@ -135,6 +155,7 @@ class PlacementKeeper:
                 )
                 if member:
                     members.append((runner, member))
+        self._forget_left_copies_gone_with_their_runner(namespace)
         budgets = [self._budget(runner) for runner, _ in members]
         if any(budget is None for budget in budgets):
             # A Node is still being read: placing without that pod would move models off it
@@ -170,10 +191,11 @@ class PlacementKeeper:
             and not is_placed(target)
             and target.key not in controller.conflicts
         ]
+        heirs = {t.normalized: t for t in [*everywhere, *targets] if t.normalized}
         pods = []
         for (runner, member), budget in zip(members, budgets, strict=True):
             assert budget is not None
-            holdings = self._holdings(runner, budget, by_label, everywhere)
+            holdings = self._holdings(runner, budget, by_label, everywhere, heirs)
             if holdings is None:
                 return  # the size of a copy it holds is being read: nothing is guessed
             pods.append(dataclasses.replace(budget, pools=member, holdings=holdings))
@@ -196,13 +218,15 @@ class PlacementKeeper:
         budget: placement.RunnerPod,
         by_label: Mapping[str, ModelTarget],
         everywhere: list[ModelTarget],
+        heirs: Mapping[str, ModelTarget],
     ) -> dict[str, int] | None:
         """What the pod holds now, model key -> bytes, for placement to count until it is gone:
         the placed models it serves (its placement labels; each with the needs it was
         configured with, so a copy that no longer fits is counted until unloaded), the ones
-        being unloaded, and the models of its pools without placement (on every pod). None
-        while a size is being read. A size that cannot be read counts nothing (the model
-        says why in its own status) but still takes its runner slot."""
+        being unloaded, the copies left there (as the DMRModel of the same model in ``heirs``
+        if there is one: its copy already), and the models of its pools without placement (on
+        every pod). None while a size is being read. A size that cannot be read counts nothing
+        (the model says why in its own status) but still takes its runner slot."""
         held: dict[str, int] = {}
         sizes: list[tuple[str, model_memory.ModelNeeds | None]] = []
         for label, value in runner.labels.items():
@@ -213,6 +237,9 @@ class PlacementKeeper:
         for (model_key, pod_key), needs in self.releasing.items():
             if pod_key == runner.key:
                 sizes.append((model_key, needs))
+        for model_key, left in self.left.get(runner.key, {}).items():
+            heir = heirs.get(left.reference)
+            sizes.append((heir.key if heir else model_key, left.needs))
         for target in everywhere:
             if self.controller.in_pool(target, runner):
                 sizes.append((target.key, self._needs(target, [runner])))
@@ -221,8 +248,9 @@ class PlacementKeeper:
                 if self._reading_needs(model_key):
                     return None
                 held.setdefault(model_key, 0)
-            else:
-                held.setdefault(model_key, size.on_pod(budget.gpu_memory_bytes))
+            else:  # the same copy seen twice (a left copy its heir serves): the larger counts
+                on_pod = size.on_pod(budget.gpu_memory_bytes)
+                held[model_key] = max(held.get(model_key, 0), on_pod)
         return held
 
     def _reading_needs(self, model_key: str) -> bool:
@@ -502,12 +530,15 @@ class PlacementKeeper:
         needs = copies.get(runner.key) or self.planned_needs.get(target.key)
         if needs is not None:
             self.releasing[pair] = needs
+        left = None
         try:
             await self.controller.relabel(runner, {label: None})
             copies.pop(runner.key, None)
-            await self.controller.release(target, runner)
+            left = await self.controller.release(target, runner)
         finally:
-            if self.releasing.pop(pair, None) is not None:
+            if (released := self.releasing.pop(pair, None)) is not None:
+                if left is not None:
+                    self._leave(target, runner.key, left, released)
                 self.controller.namespace_changed(runner.namespace)
 
     async def forget_labels(self, target: ModelTarget) -> None:
@@ -526,13 +557,64 @@ class PlacementKeeper:
         self.forget(target.key)
         self._locks.pop(target.key, None)
 
-    def unloaded(self, target: ModelTarget) -> None:
-        """The finalizer has unloaded a deleted model (or given up): its memory is free."""
+    def unloaded(self, target: ModelTarget, left: Mapping[str, str] | None = None) -> None:
+        """The finalizer is done with a deleted model: its memory is free, except on the pods
+        in ``left`` (pod key -> the model's digest there), where its copy stays."""
         pairs = [pair for pair in self.releasing if pair[0] == target.key]
         for pair in pairs:
-            del self.releasing[pair]
+            needs = self.releasing.pop(pair)
+            digest = (left or {}).get(pair[1])
+            if digest:
+                self._leave(target, pair[1], digest, needs)
         if pairs:
             self.controller.namespace_changed(target.namespace)
+
+    def _leave(
+        self, target: ModelTarget, pod_key: str, digest: str, needs: model_memory.ModelNeeds
+    ) -> None:
+        runner = self.controller.pods.get(pod_key)
+        if runner is None or target.normalized is None:
+            return  # the pod is gone, and its memory with it
+        logger.info(
+            "%s stays configured on %s: it counts there until the runner no longer lists it",
+            target.normalized,
+            pod_key,
+        )
+        self.left.setdefault(pod_key, {})[target.key] = LeftCopy(
+            target.normalized, digest, needs, runner.incarnation
+        )
+
+    def listed(self, runner: runner_views.Runner, entries: Iterable[wire.ModelConfigEntry]) -> None:
+        """A read-back of every configuration the runner holds: the copies left there that it
+        no longer lists (unloaded by somebody, or evicted with their configuration) are gone."""
+        copies = self.left.get(runner.key)
+        if not copies:
+            return
+        listed = {entry.model_id for entry in entries}
+        gone = [key for key, left in copies.items() if left.model_id not in listed]
+        for key in gone:
+            del copies[key]
+        if not copies:
+            del self.left[runner.key]
+        if gone:
+            self.controller.namespace_changed(runner.namespace)
+
+    def holds_left_copies(self, pod_key: str) -> bool:
+        return pod_key in self.left
+
+    def _forget_left_copies_gone_with_their_runner(self, namespace: str) -> None:
+        pods = self.controller.pods
+        for pod_key in [k for k in self.left if k.startswith(f"{namespace}/")]:
+            runner = pods.get(pod_key)
+            copies = self.left[pod_key]
+            for key in [
+                k
+                for k, left in copies.items()
+                if runner is None or runner.incarnation != left.incarnation
+            ]:
+                del copies[key]  # a restarted runner holds nothing it was given before
+            if not copies:
+                del self.left[pod_key]
 
     def forget(self, key: str) -> None:
         self.chosen.pop(key, None)

@@ -232,6 +232,7 @@ class RunnerWorker:
             entries = cached if cached is not None and not verify else await client.read_configs()
             if verify:
                 self._verify(targets, entries)
+                controller.placer.listed(runner, entries)
                 for target in recovering:
                     self._check(target, entries)
                 work = [t for t in targets if self._needs_work(t, now)]
