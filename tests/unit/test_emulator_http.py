@@ -18,16 +18,6 @@ QWEN3_ID_PREFIX = "sha256:"
 
 
 @pytest.fixture
-async def emulator() -> AsyncIterator[ModelRunnerEmulator]:
-    emulator = ModelRunnerEmulator()
-    await emulator.start("127.0.0.1", 0)
-    try:
-        yield emulator
-    finally:
-        await emulator.stop()
-
-
-@pytest.fixture
 async def http(emulator: ModelRunnerEmulator) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=emulator.url, timeout=5) as client:
         yield client

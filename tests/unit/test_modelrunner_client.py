@@ -19,16 +19,6 @@ from dmr_operator.testing.emulator import ModelRunnerEmulator, PullFailure
 
 
 @pytest.fixture
-async def emulator() -> AsyncIterator[ModelRunnerEmulator]:
-    emulator = ModelRunnerEmulator()
-    await emulator.start("127.0.0.1", 0)
-    try:
-        yield emulator
-    finally:
-        await emulator.stop()
-
-
-@pytest.fixture
 async def client(emulator: ModelRunnerEmulator) -> AsyncIterator[modelrunner.ModelRunnerClient]:
     async with httpx.AsyncClient() as http:
         yield modelrunner.ModelRunnerClient(http, emulator.url + "/")

@@ -44,16 +44,6 @@ class EventsOnly:
 
 
 @pytest.fixture
-async def emulator() -> AsyncIterator[ModelRunnerEmulator]:
-    emulator = ModelRunnerEmulator()
-    await emulator.start("127.0.0.1", 0)
-    try:
-        yield emulator
-    finally:
-        await emulator.stop()
-
-
-@pytest.fixture
 async def one_runner(
     emulator: ModelRunnerEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Callable[..., OneRunner]]:
