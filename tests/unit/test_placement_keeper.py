@@ -19,12 +19,14 @@ import httpx
 import pytest
 from test_placement import needs  # pytest puts tests/unit on the path
 
+from dmr_operator.clients import kube as kube_client
 from dmr_operator.clients import modelrunner
-from dmr_operator.controllers import dmrmodels, runner_worker
+from dmr_operator.controllers import dmrmodels, model_placement, runner_worker
 from dmr_operator.dmr import wire
 from dmr_operator.reconcile import dmrmodel, model_routing
 from dmr_operator.reconcile import runners as runner_views
 from dmr_operator.testing import cluster
+from dmr_operator.testing.waiting import wait_for_async
 
 GIB = 2**30
 NS = "ns"
@@ -358,3 +360,51 @@ def test_a_copy_whose_unload_failed_after_a_move_still_counts(
     assert pods.chosen("second") == ()
     finalizer.runner_lists("small")  # its read-back: the old copy is gone after all
     assert pods.chosen("second") == ("small",)
+
+
+class FlakyNodes:
+    """The Kubernetes client as placement reads Nodes: 503 until ``answering``."""
+
+    def __init__(self, nodes: Mapping[str, Mapping[str, Any]]) -> None:
+        self.nodes = nodes
+        self.answering = False
+        self.reads = 0
+
+    async def get(self, *, api_version: str, kind: str, namespace: str, name: str) -> Any:
+        self.reads += 1
+        if not self.answering:
+            raise kube_client.KubeError(503, "the server is currently unable to handle the request")
+        return self.nodes[name]
+
+
+def test_a_node_that_could_not_be_read_is_read_again_not_taken_as_unbounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An apiserver restarting answers 503 for a while. Were the Node taken as unreadable for
+    # good (as when reading Nodes is not allowed), its pod would be placed on by runner slots
+    # alone: a 12 GiB model onto an 8 GiB GPU.
+    monkeypatch.setattr(model_placement, "NEEDS_RETRY_SECONDS", 0.2)
+    pods = Cluster(monkeypatch)
+    kube = FlakyNodes({"node-small": gpu_node("node-small", 8)})
+    pods.controller.kube = kube  # type: ignore[assignment]
+    big = f"{NS}/big"
+
+    async def scenario() -> None:
+        pods.bodies["small"] = gpu_pod("small", "node-small")
+        pods.controller.pod_changed(pods.bodies["small"])
+        pods.placed("big", size_gib=12)
+        await asyncio.sleep(0.5)
+        assert big not in pods.controller.placer.chosen  # waiting for its pod's Node
+        assert kube.reads <= 3  # at 0, 0.2 and 0.4 s: no loop of failing reads
+        kube.answering = True
+        await wait_for_async(
+            lambda: (
+                "largest free 8.0 GiB"
+                in str(pods.controller.placer.view(pods.controller.targets[big]).shortfall)
+            ),
+            timeout=5,
+            message="big Insufficient on the 8 GiB GPU",
+        )
+        assert pods.chosen("big") == ()
+
+    asyncio.run(scenario())

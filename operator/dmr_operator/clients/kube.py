@@ -74,6 +74,11 @@ class NotFound(KubeError):
     pass
 
 
+def refused_for_good(error: KubeError) -> bool:
+    """A read no retry will change: no right to it (403), or nothing there (404)."""
+    return error.status in (403, 404)
+
+
 class Conflict(KubeError):
     pass
 

@@ -231,8 +231,10 @@ class DMRModelController:
 
     async def node(self, name: str) -> Mapping[str, Any] | None:
         """The Node ``name``, read once for every runner on it and for placement (1,500 runner
-        pods on 30 nodes: 30 reads, not 1,530); None when it cannot be read. A refusal (no
-        right to read Nodes, a Node gone) is kept; other errors are asked again next time."""
+        pods on 30 nodes: 30 reads, not 1,530); None when the apiserver refuses it (no right
+        to read Nodes, a Node gone), which is kept. Any other failure raises ``KubeError``
+        and is asked again at the next call: a Node taken as unknown for good would be
+        budgeted by runner slots alone, its GPU memory unbounded."""
         future = self._nodes.get(name)
         if future is not None:
             return await asyncio.shield(future)
@@ -244,8 +246,11 @@ class DMRModelController:
             node = found if isinstance(found, Mapping) else None
         except kube_client.KubeError as error:
             logger.info("node %s unreadable: %s", name, error)
-            if error.status not in (403, 404):
+            if not kube_client.refused_for_good(error):
                 del self._nodes[name]
+                future.set_exception(error)
+                future.exception()  # retrieved: waiters get it; nobody else must
+                raise
             node = None
         future.set_result(node)
         return node

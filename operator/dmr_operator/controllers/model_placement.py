@@ -115,6 +115,8 @@ class PlacementKeeper:
         self.unplanned: set[str] = set()
         self._services: dict[str, str] = {}  # target key -> uid its Service was applied for
         self._reading: set[object] = set()
+        # Reads that failed for a reason a retry may change (not a refusal), until their retry.
+        self._failed_reads: set[object] = set()
         self._waiters: dict[object, set[str]] = {}  # what is being read -> namespaces waiting
         # One settle or clean-up per model at a time: a label patch in flight must not land
         # after the model's labels were taken off for its deletion.
@@ -356,9 +358,10 @@ class PlacementKeeper:
     def _spawn(self, what: object, coroutine: Any, namespace: str) -> None:
         """Run one read of ``what`` at a time; when it is done, the namespaces that waited for
         it are planned again (only those: with 50 namespaces, replanning every one after each
-        of 200 size reads was most of the operator's CPU)."""
+        of 200 size reads was most of the operator's CPU). A read that failed is not run again
+        before its retry time (``_read_failed``)."""
         self._waiters.setdefault(what, set()).add(namespace)
-        if what in self._reading:
+        if what in self._reading or what in self._failed_reads:
             coroutine.close()
             return
         self._reading.add(what)
@@ -377,10 +380,27 @@ class PlacementKeeper:
     def _read_node(self, name: str, namespace: str) -> None:
         async def read() -> None:
             self.reads += 1
-            # None (e.g. rbac.readNodes off): placed on by runner slots alone.
-            self.nodes[name] = await self.controller.node(name)
+            try:
+                # None (e.g. rbac.readNodes off): placed on by runner slots alone.
+                self.nodes[name] = await self.controller.node(name)
+            except kube_client.KubeError as error:
+                self._read_failed(("node", name), namespace, f"node {name}: {error}")
 
         self._spawn(("node", name), read(), namespace)
+
+    def _read_failed(self, what: object, namespace: str, problem: str) -> None:
+        """A read that may succeed later (an apiserver restarting, a timeout): the pods it
+        concerns are not placed on meanwhile, and it is tried again in a while."""
+        logger.warning(
+            "placement waits for %s; asking again in %.0f s", problem, NEEDS_RETRY_SECONDS
+        )
+        self._failed_reads.add(what)
+
+        def again() -> None:
+            self._failed_reads.discard(what)
+            self._replan({namespace} | self._waiters.get(what, set()))
+
+        asyncio.get_running_loop().call_later(NEEDS_RETRY_SECONDS, again)
 
     def _read_claim(self, key: str) -> None:
         namespace, name = key.split("/", 1)
@@ -394,7 +414,10 @@ class PlacementKeeper:
                     namespace=namespace,
                     name=name,
                 )
-            except kube_client.KubeError as error:  # e.g. no right to read claims
+            except kube_client.KubeError as error:
+                if not kube_client.refused_for_good(error):
+                    self._read_failed(("claim", key), namespace, f"claim {key}: {error}")
+                    return
                 logger.info("claim %s unreadable, its GPUs' memory unknown: %s", key, error)
                 claim = None
             # An allocation never changes once the pod runs: read once, kept.
@@ -414,6 +437,9 @@ class PlacementKeeper:
                 )
                 slices = list((found or {}).get("items") or ())
             except kube_client.KubeError as error:
+                if not kube_client.refused_for_good(error):
+                    self._read_failed(("slices", node), namespace, f"slices of {node}: {error}")
+                    return
                 logger.info("resource slices of %s unreadable: %s", node, error)
                 slices = None
             self.slices[node] = slices

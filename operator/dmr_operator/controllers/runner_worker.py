@@ -418,8 +418,11 @@ class RunnerWorker:
         if runner.external or runner.node is None:
             return
         if not state.capacity_read:
+            try:
+                node = await controller.node(runner.node)  # None: e.g. no right to read Nodes
+            except kube_client.KubeError:
+                return  # asked again at the next pass
             state.capacity_read = True
-            node = await controller.node(runner.node)  # None: e.g. no right to read Nodes
             if node is not None:
                 state.capacity = capacity.capacity_of(node, pod_gpus=runner.gpus)
         if state.capacity is None:
