@@ -7,7 +7,8 @@ shared client, status writes and phases by the controllers. ``serve`` exposes th
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import httpx
 import prometheus_client
@@ -54,6 +55,73 @@ class _ModelsByPhase:
 
 MODELS = _ModelsByPhase()
 prometheus_client.REGISTRY.register(MODELS)
+
+
+@dataclass(frozen=True)
+class PodRoom:
+    """One runner pod as placement last counted it."""
+
+    namespace: str
+    pod: str
+    memory_bytes: int | None  # what models are placed against (GPU, else host); None: unknown
+    placed_bytes: int  # what the copies placed and held there take, by the operator's formula
+    slots: int
+    placed_slots: int
+
+
+class _PlacementRoom:
+    """Runner pods' room as placement counts it, and models short of their replicas, read from
+    the placement keeper at scrape time (a pool filling up shows before a model is refused)."""
+
+    def __init__(self) -> None:
+        self.pods: Callable[[], Iterable[PodRoom]] | None = None
+        self.short: Callable[[], Mapping[str, int]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["namespace", "pod"]
+        families = {
+            "memory": GaugeMetricFamily(
+                "dmr_operator_placement_memory_bytes",
+                "Memory of a runner pod that placement places models against (its GPUs', "
+                "else its host's); absent while unknown.",
+                labels=labels,
+            ),
+            "placed": GaugeMetricFamily(
+                "dmr_operator_placement_placed_bytes",
+                "Memory the model copies placed on (and still held by) a runner pod take.",
+                labels=labels,
+            ),
+            "slots": GaugeMetricFamily(
+                "dmr_operator_placement_slots",
+                "Runner slots of a runner pod (model-runner's min(cores, 8)).",
+                labels=labels,
+            ),
+            "placed_slots": GaugeMetricFamily(
+                "dmr_operator_placement_placed_slots",
+                "Runner slots the model copies placed on (and still held by) a pod take.",
+                labels=labels,
+            ),
+        }
+        for room in self.pods() if self.pods else ():
+            key = [room.namespace, room.pod]
+            if room.memory_bytes is not None:
+                families["memory"].add_metric(key, room.memory_bytes)
+            families["placed"].add_metric(key, room.placed_bytes)
+            families["slots"].add_metric(key, room.slots)
+            families["placed_slots"].add_metric(key, room.placed_slots)
+        yield from families.values()
+        short = GaugeMetricFamily(
+            "dmr_operator_placement_short_models",
+            "Placed DMRModels on fewer pods than their placement.replicas (Insufficient).",
+            labels=["namespace"],
+        )
+        for namespace, count in sorted((self.short() if self.short else {}).items()):
+            short.add_metric([namespace], count)
+        yield short
+
+
+PLACEMENT = _PlacementRoom()
+prometheus_client.REGISTRY.register(PLACEMENT)
 
 # Model references and backends appear in paths; collapse them so label cardinality is bounded.
 _ROUTES = (

@@ -324,12 +324,14 @@ def free_memory(
     """Memory and slots left on each pod once the placement is carried out, while the copies
     pods hold and no model is placed on again are still there (leaving, or not placement's):
     a copy placed again takes the larger of its old and new size."""
-    needs = {m.key: m.needs.total_bytes for m in models}
+    needs = {m.key: m.needs for m in models}
     memory, slots = {}, {}
     for p in pods:
         on_it = {key for key, keys in result.pods.items() if p.key in keys}
         kept = {key: held for key, held in p.holdings.items() if key not in on_it}
-        used = sum(kept.values()) + sum(max(needs[k], p.holdings.get(k, 0)) for k in on_it)
+        used = sum(kept.values()) + sum(
+            max(needs[k].on_pod(p.gpu_memory_bytes), p.holdings.get(k, 0)) for k in on_it
+        )
         memory[p.key] = p.memory_bytes - used
         slots[p.key] = p.slots - len(on_it | set(p.holdings))
     return memory, slots
@@ -372,6 +374,8 @@ def test_never_overcommits_and_stays_in_the_pool(
     pool: Pool, previous: dict[str, list[str]]
 ) -> None:
     models, pods, result, memory, slots = outcome(pool, previous)
+    # What the placement says is left (metrics show it) is what carrying it out leaves.
+    assert (result.free_memory_bytes, result.free_slots) == (memory, slots)
     by_key = {p.key: p for p in pods}
     for key, left in memory.items():
         # A pod already over its memory by what it holds (its budget shrank, copies placement

@@ -16,9 +16,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import httpx
+import prometheus_client
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from test_placement import needs  # pytest puts tests/unit on the path
 
+from dmr_operator import metrics
 from dmr_operator.clients import kube as kube_client
 from dmr_operator.clients import modelrunner
 from dmr_operator.controllers import dmrmodels, model_placement, runner_worker
@@ -408,3 +411,30 @@ def test_a_node_that_could_not_be_read_is_read_again_not_taken_as_unbounded(
         assert pods.chosen("big") == ()
 
     asyncio.run(scenario())
+
+
+def test_metrics_show_each_pods_room_as_placement_counts_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pods = Cluster(monkeypatch, small=8, big=24)
+    pods.placed("a", size_gib=6)
+    pods.placed("b", size_gib=6)
+    pods.placed("huge", size_gib=30)  # fits nowhere
+    monkeypatch.setattr(metrics.PLACEMENT, "pods", pods.controller.placer.rooms)
+    monkeypatch.setattr(metrics.PLACEMENT, "short", pods.controller.placer.short_models)
+    scraped = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(prometheus_client.generate_latest().decode())
+        for sample in family.samples
+        if sample.name.startswith("dmr_operator_placement_")
+    }
+    for pod, gib in (("small", 8), ("big", 24)):
+        on_it = [model for model in ("a", "b") if pods.chosen(model) == (pod,)]
+        labels = (("namespace", NS), ("pod", pod))
+        assert scraped[("dmr_operator_placement_memory_bytes", labels)] == gib * GIB
+        assert scraped[("dmr_operator_placement_placed_bytes", labels)] == 6 * GIB * len(on_it)
+        assert scraped[("dmr_operator_placement_slots", labels)] == 8
+        assert scraped[("dmr_operator_placement_placed_slots", labels)] == len(on_it)
+    placed = [v for (name, _), v in scraped.items() if name.endswith("_placed_bytes")]
+    assert sum(placed) == 12 * GIB  # a and b, each on one pod
+    assert scraped[("dmr_operator_placement_short_models", (("namespace", NS),))] == 1

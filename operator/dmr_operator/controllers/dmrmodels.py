@@ -634,6 +634,8 @@ class DMRModelController:
 
     def start(self) -> None:
         metrics.MODELS.source = self.phase_counts
+        metrics.PLACEMENT.pods = self.placer.rooms
+        metrics.PLACEMENT.short = self.placer.short_models
         self.status.start()
 
     def phase_counts(self) -> dict[str, int]:

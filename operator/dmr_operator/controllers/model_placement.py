@@ -39,6 +39,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from dmr_operator import metrics
 from dmr_operator.clients import kube as kube_client
 from dmr_operator.clients import modelrunner
 from dmr_operator.dmr import wire
@@ -109,6 +110,8 @@ class PlacementKeeper:
         # Copies left on pods by deleted or moved models: pod key -> model key -> copy.
         self.left: dict[str, dict[str, LeftCopy]] = {}
         self.shortfalls: dict[str, placement.Shortfall] = {}
+        # Namespace -> its pods' room as the last placement there counted it (for metrics).
+        self.room: dict[str, list[metrics.PodRoom]] = {}
         self.waiting: dict[str, str] = {}
         # Models whose current spec has not been placed yet (its needs are being read): their
         # chosen pods are those of an earlier spec, not to be reconfigured.
@@ -140,6 +143,8 @@ class PlacementKeeper:
                 self.forget(key)
         if targets:
             self._replan_namespace(namespace, targets)
+        else:
+            self.room.pop(namespace, None)
 
     def _replan_namespace(self, namespace: str, targets: list[ModelTarget]) -> None:
         """One placement for the namespace's placed models: pools whose selectors overlap
@@ -202,6 +207,17 @@ class PlacementKeeper:
                 return  # the size of a copy it holds is being read: nothing is guessed
             pods.append(dataclasses.replace(budget, pools=member, holdings=holdings))
         result = placement.place(demands, pods, previous=self.chosen)
+        self.room[namespace] = [
+            metrics.PodRoom(
+                namespace=namespace,
+                pod=pod.key.split("/", 1)[1],
+                memory_bytes=pod.memory_bytes if pod.memory_bytes < UNKNOWN_MEMORY else None,
+                placed_bytes=pod.memory_bytes - result.free_memory_bytes[pod.key],
+                slots=pod.slots,
+                placed_slots=pod.slots - result.free_slots[pod.key],
+            )
+            for pod in pods
+        ]
         for demand in demands:
             chosen = result.pods.get(demand.key, ())
             shortfall = result.shortfalls.get(demand.key)
@@ -624,6 +640,16 @@ class PlacementKeeper:
             del self.left[runner.key]
         if gone:
             self.controller.namespace_changed(runner.namespace)
+
+    def rooms(self) -> list[metrics.PodRoom]:
+        return [room for rooms in list(self.room.values()) for room in rooms]
+
+    def short_models(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for key in list(self.shortfalls):
+            namespace = key.split("/", 1)[0]
+            counts[namespace] = counts.get(namespace, 0) + 1
+        return counts
 
     def holds_left_copies(self, pod_key: str) -> bool:
         return pod_key in self.left

@@ -90,6 +90,11 @@ class Shortfall:
 class Placement:
     pods: Mapping[str, tuple[str, ...]]  # model key -> the pods it should be on, sorted
     shortfalls: Mapping[str, Shortfall]  # only models short of their replicas
+    # Pod key -> the memory and runner slots left once this placement is carried out (while
+    # the copies each pod holds and is not given again are still there): what a pool has
+    # room for, as metrics show it.
+    free_memory_bytes: Mapping[str, int] = field(default_factory=dict)
+    free_slots: Mapping[str, int] = field(default_factory=dict)
 
 
 def place(
@@ -134,6 +139,8 @@ def place(
             for model in order
             if len(state.placed[model.key]) < state.wanted(model)
         },
+        free_memory_bytes=dict(sorted(state.free_memory.items())),
+        free_slots=dict(sorted(state.free_slots.items())),
     )
 
 
