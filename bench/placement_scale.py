@@ -258,9 +258,16 @@ class ScaleBench:
         started = time.time()
         time.sleep(minutes * 60)
         ended = time.time()
+        # Taken at the end of the window: reading the audit log takes seconds, and the runners'
+        # requests meanwhile do not belong to it.
+        after = [len(e.requests) for e in emulators]
         _, cpu_after = bench_run.proc_stats(self.operator.pid)
+        new = [
+            r
+            for e, first, last in zip(emulators, before, after, strict=True)
+            for r in e.requests[first:last]
+        ]
         requests = audit.count(audit.read(self.cp.audit_log_path), since=started, until=ended)
-        new = [r for e, n in zip(emulators, before, strict=True) for r in e.requests[n:]]
         kinds = Counter(f"{r.method} {r.path}" for r in new)
         return [
             (

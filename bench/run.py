@@ -74,12 +74,14 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def proc_stats(pid: int) -> tuple[float, float]:
-    """(peak RSS in MB from VmHWM, CPU seconds user+system) of a live process."""
+    """(peak RSS in MB from VmHWM, CPU seconds user+system) of a live process. VmHWM is in
+    KiB; MB here are 10**6 bytes, the unit the goals are written in (before 2026-12-05 this
+    returned MiB, so figures recorded earlier read about 5 % low)."""
     status = Path(f"/proc/{pid}/status").read_text()
     hwm_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return hwm_kb / 1024, (int(fields[11]) + int(fields[12])) / ticks
+    return hwm_kb * 1024 / 1e6, (int(fields[11]) + int(fields[12])) / ticks
 
 
 def configures_since(emulator: ModelRunnerEmulator, since: float) -> list[Any]:
