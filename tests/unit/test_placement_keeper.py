@@ -438,3 +438,15 @@ def test_metrics_show_each_pods_room_as_placement_counts_it(
     placed = [v for (name, _), v in scraped.items() if name.endswith("_placed_bytes")]
     assert sum(placed) == 12 * GIB  # a and b, each on one pod
     assert scraped[("dmr_operator_placement_short_models", (("namespace", NS),))] == 1
+
+
+def test_a_model_created_again_under_the_name_for_another_model_does_not_take_the_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pods = Cluster(monkeypatch, only=8)
+    finalizer = Finalizer(pods, monkeypatch)
+    pods.placed("x", size_gib=6, model="ai/first", deletionPolicy="Retain")
+    pods.serves("only", "x", 6)
+    finalizer.delete("x")
+    pods.placed("x", size_gib=6, model="ai/second")  # 6 GiB beside ai/first's 6: no room
+    assert pods.chosen("x") == ()

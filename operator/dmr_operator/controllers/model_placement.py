@@ -257,7 +257,9 @@ class PlacementKeeper:
                 sizes.append((model_key, needs))
         for model_key, left in self.left.get(runner.key, {}).items():
             heir = heirs.get(left.reference)
-            sizes.append((heir.key if heir else model_key, left.needs))
+            # Without an heir, under a key no model has: a DMRModel created again under the
+            # deleted one's name, for another model, must not pass for its holder.
+            sizes.append((heir.key if heir else f"{model_key} (left)", left.needs))
         for target in everywhere:
             if self.controller.in_pool(target, runner):
                 sizes.append((target.key, self._needs(target, [runner])))
