@@ -230,7 +230,10 @@ class Finalizer:
                     runner.name, label.removeprefix(model_routing.PLACEMENT_LABEL_PREFIX), value
                 )
 
+        self.unloads = 0
+
         async def unload(*args: Any, **kwargs: Any) -> None:
+            self.unloads += 1
             if self.unloads_fail:
                 raise modelrunner.RunnerUnreachable("connection refused")
 
@@ -450,3 +453,17 @@ def test_a_model_created_again_under_the_name_for_another_model_does_not_take_th
     finalizer.delete("x")
     pods.placed("x", size_gib=6, model="ai/second")  # 6 GiB beside ai/first's 6: no room
     assert pods.chosen("x") == ()
+
+
+def test_a_model_deleted_in_the_middle_of_a_move_is_unloaded_from_the_pod_it_was_leaving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pods = Cluster(monkeypatch, small=8, big=24)
+    finalizer = Finalizer(pods, monkeypatch)
+    pods.placed("grower", size_gib=1, contextSize=4096)
+    pods.serves("small", "grower", 1)
+    pods.placed("grower", size_gib=10, contextSize=65536)  # moving to big, not there yet
+    assert pods.chosen("grower") == ("big",)
+    finalizer.delete("grower")
+    assert finalizer.unloads == 2  # big, where it was being configured, and small, serving
+    assert pods.controller.placer.left == {}  # both unloaded: nothing left counting anywhere

@@ -454,6 +454,15 @@ class DMRModelController:
             body, allowed_runner_hosts=self.settings.allowed_runner_hosts
         )
         runners = list(self.runners_for(key))
+        if model_placement.is_placed(target):
+            # A pod the model is moving away from (or that serves it while a changed spec's
+            # needs are read) is not among its runners, yet holds it: cleaned off too.
+            assigned = {runner.key for runner in runners}
+            runners += [
+                runner
+                for runner in self.pods_in(namespace)
+                if runner.key not in assigned and self.placer.labelled(target, runner)
+            ]
         applied = {
             runner.key: state.applied[key]
             for runner in runners
