@@ -351,7 +351,14 @@ def test_models_beyond_a_runners_slots_and_gpu_memory_are_flagged(
             "need 0.14 GiB (KV caches come on top), its GPUs have 0.10 GiB"
             in (condition["message"])
         )
-    assert "OverCapacity" in {e.reason for e in cluster.events_for(api_client, namespace, "qwen")}
+    # Events follow the status they describe (the status writer posts them after its writes).
+    wait_for(
+        lambda: (
+            "OverCapacity" in {e.reason for e in cluster.events_for(api_client, namespace, "qwen")}
+        ),
+        timeout=15,
+        message="an OverCapacity Event for qwen",
+    )
 
     objects.delete(PLURAL, "gemma")
     for name in ("qwen", "smol"):
