@@ -263,6 +263,13 @@ class Finalizer:
         asyncio.run(controller.finalize(body))
         controller.workers.clear()
 
+    def served_then_deleted(self, pod: str, name: str, size_gib: float, **spec: Any) -> None:
+        """Placed DMRModel ``name`` (``spec``) served from ``pod`` at ``size_gib``, then
+        deleted."""
+        self.pods.placed(name, size_gib=size_gib, **spec)
+        self.pods.serves(pod, name, size_gib)
+        self.delete(name)
+
     def runner_lists(self, pod: str, *names: str) -> None:
         """A read-back of the pod's runner listing configurations of ``names`` only."""
         entries = [
@@ -285,9 +292,7 @@ def test_a_copy_a_deleted_model_retains_counts_until_its_runner_lists_it_no_more
 ) -> None:
     pods = Cluster(monkeypatch, only=8)
     finalizer = Finalizer(pods, monkeypatch)
-    pods.placed("kept", size_gib=6, deletionPolicy="Retain")
-    pods.serves("only", "kept", 6)
-    finalizer.delete("kept")
+    finalizer.served_then_deleted("only", "kept", 6, deletionPolicy="Retain")
     # Out of its Service, still in the runner's memory: 2 of the 8 GiB are free.
     assert model_routing.placement_label("kept") not in pods.runner("only").labels
     pods.placed("next", size_gib=6)
@@ -303,10 +308,8 @@ def test_a_copy_whose_unload_failed_counts_until_its_runner_restarts(
 ) -> None:
     pods = Cluster(monkeypatch, only=8)
     finalizer = Finalizer(pods, monkeypatch)
-    pods.placed("stuck", size_gib=6)
-    pods.serves("only", "stuck", 6)
     finalizer.unloads_fail = True
-    finalizer.delete("stuck")
+    finalizer.served_then_deleted("only", "stuck", 6)
     assert finalizer.events == ["CleanupFailed"]  # and the finalizer is released anyway
     pods.placed("next", size_gib=6)
     assert pods.chosen("next") == ()
@@ -319,9 +322,7 @@ def test_a_copy_whose_unload_failed_counts_until_its_runner_restarts(
 def test_an_unloaded_copy_frees_its_room_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     pods = Cluster(monkeypatch, only=8)
     finalizer = Finalizer(pods, monkeypatch)
-    pods.placed("gone", size_gib=6)
-    pods.serves("only", "gone", 6)
-    finalizer.delete("gone")
+    finalizer.served_then_deleted("only", "gone", 6)
     pods.placed("next", size_gib=6)
     assert pods.chosen("next") == ("only",)
 
@@ -333,9 +334,7 @@ def test_a_model_created_again_takes_over_the_copy_its_namesake_retained(
     # model's copy is where it was, counted once, and stays there.
     pods = Cluster(monkeypatch, only=16)
     finalizer = Finalizer(pods, monkeypatch)
-    pods.placed("before", size_gib=10, model="ai/shared", deletionPolicy="Retain")
-    pods.serves("only", "before", 10)
-    finalizer.delete("before")
+    finalizer.served_then_deleted("only", "before", 10, model="ai/shared", deletionPolicy="Retain")
     pods.placed("after", size_gib=10, model="ai/shared")
     assert pods.chosen("after") == ("only",)  # not 10 GiB more beside the copy: that one
     pods.serves("only", "after", 10)
@@ -448,9 +447,7 @@ def test_a_model_created_again_under_the_name_for_another_model_does_not_take_th
 ) -> None:
     pods = Cluster(monkeypatch, only=8)
     finalizer = Finalizer(pods, monkeypatch)
-    pods.placed("x", size_gib=6, model="ai/first", deletionPolicy="Retain")
-    pods.serves("only", "x", 6)
-    finalizer.delete("x")
+    finalizer.served_then_deleted("only", "x", 6, model="ai/first", deletionPolicy="Retain")
     pods.placed("x", size_gib=6, model="ai/second")  # 6 GiB beside ai/first's 6: no room
     assert pods.chosen("x") == ()
 
