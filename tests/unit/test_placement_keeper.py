@@ -26,7 +26,7 @@ from dmr_operator.clients import kube as kube_client
 from dmr_operator.clients import modelrunner
 from dmr_operator.controllers import dmrmodels, model_placement, runner_worker
 from dmr_operator.dmr import wire
-from dmr_operator.reconcile import dmrmodel, model_routing
+from dmr_operator.reconcile import dmrmodel, model_memory, model_routing
 from dmr_operator.reconcile import runners as runner_views
 from dmr_operator.testing import cluster
 from dmr_operator.testing.waiting import wait_for_async
@@ -464,3 +464,40 @@ def test_a_model_deleted_in_the_middle_of_a_move_is_unloaded_from_the_pod_it_was
     finalizer.delete("grower")
     assert finalizer.unloads == 2  # big, where it was being configured, and small, serving
     assert pods.controller.placer.left == {}  # both unloaded: nothing left counting anywhere
+
+
+def test_a_size_that_could_not_be_read_is_read_again_after_a_pause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(model_placement, "NEEDS_RETRY_SECONDS", 0.2)
+    pods = Cluster(monkeypatch, only=8)
+    registry = {"answering": False, "reads": 0}
+
+    async def get_model(self: Any, reference: str, *, remote: bool = False) -> Any:
+        registry["reads"] += 1
+        if not registry["answering"]:
+            raise modelrunner.RunnerUnreachable("registry timeout")
+        return types.SimpleNamespace(config=types.SimpleNamespace(size="6GiB"))
+
+    monkeypatch.setattr(modelrunner.ModelRunnerClient, "get_model", get_model)
+    monkeypatch.setattr(model_memory, "needs_of", lambda model, context_size: needs(6 * GIB))
+    body = cluster.dmrmodel("m", {"model": "ai/m", "placement": {"replicas": 1}})
+    body["metadata"] |= {"namespace": NS, "uid": "uid-m", "generation": 1}
+    target_key = f"{NS}/m"
+
+    async def scenario() -> None:
+        pods.controller.model_changed(body)
+        await asyncio.sleep(0.5)
+        assert target_key not in pods.controller.placer.chosen
+        waiting = pods.controller.placer.waiting[target_key]
+        assert "could not read the size of ai/m:latest" in waiting
+        assert waiting.endswith("asking again in 30 s")
+        assert registry["reads"] <= 3  # at 0, 0.2 and 0.4 s: no loop of failing reads
+        registry["answering"] = True
+        await wait_for_async(
+            lambda: pods.controller.placer.chosen.get(target_key) == (f"{NS}/only",),
+            timeout=5,
+            message="m placed once its size is read",
+        )
+
+    asyncio.run(scenario())

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# A model's needs that could not be read are asked again after this long (never a hot loop).
+# A read placement waits for (a model's size, a Node, DRA claims and slices) that failed for a
+# reason that may pass is asked again after this long (never a hot loop).
 NEEDS_RETRY_SECONDS: Final = 30.0
 # A pod whose Node cannot be read (rbac.readNodes off) is placed on by runner slots alone.
 UNKNOWN_MEMORY: Final = 2**62
@@ -94,7 +95,7 @@ class PlacementKeeper:
     def __init__(self, controller: DMRModelController) -> None:
         self.controller = controller
         self.needs: dict[tuple[str, int | None], model_memory.ModelNeeds] = {}
-        self._needs_problem: dict[tuple[str, int | None], tuple[float, str]] = {}
+        self._needs_problem: dict[tuple[str, int | None], str] = {}  # why its read failed
         self.nodes: dict[str, Mapping[str, Any] | None] = {}
         # DRA: a pod's allocated ResourceClaims and its node's ResourceSlices (None: unreadable).
         self.claims: dict[str, Mapping[str, Any] | None] = {}
@@ -355,9 +356,8 @@ class PlacementKeeper:
         needs = self.needs.get(key)
         if needs is not None:
             return needs
-        problem = self._needs_problem.get(key)
-        if problem is not None and problem[0] > self.controller.clock():
-            self._wait(target, problem[1])
+        if ("needs", key) in self._failed_reads:
+            self._wait(target, self._needs_problem[key])
             return None
         if not runners:
             self._wait(target, "waiting for a Ready runner of its pool to read its size from")
@@ -407,8 +407,9 @@ class PlacementKeeper:
         self._spawn(("node", name), read(), namespace)
 
     def _read_failed(self, what: object, namespace: str, problem: str) -> None:
-        """A read that may succeed later (an apiserver restarting, a timeout): the pods it
-        concerns are not placed on meanwhile, and it is tried again in a while."""
+        """A read that may succeed later (an apiserver restarting, a timeout, a registry that
+        does not answer): what it concerns waits (the pods are not placed on, the model is not
+        placed), and it is tried again in a while."""
         logger.warning(
             "placement waits for %s; asking again in %.0f s", problem, NEEDS_RETRY_SECONDS
         )
@@ -487,11 +488,8 @@ class PlacementKeeper:
                 self.needs[key] = needs
                 self._needs_problem.pop(key, None)
             else:
-                retry_at = self.controller.clock() + NEEDS_RETRY_SECONDS
-                self._needs_problem[key] = (retry_at, f"{problem}; asking again in 30 s")
-                asyncio.get_running_loop().call_later(
-                    NEEDS_RETRY_SECONDS, self._replan, set(self._waiters.get(("needs", key), ()))
-                )
+                self._needs_problem[key] = f"{problem}; asking again in 30 s"
+                self._read_failed(("needs", key), namespace, str(problem))
 
         self._spawn(("needs", key), read(), namespace)
 
